@@ -1,0 +1,533 @@
+"""Statistics shared by stats_crossmodal.py and stats_zeroshot.py: correlation sets, centring, effect sizes,
+a stimulus-relabelling permutation test, a two-way ANOVA, and report / JSON / figure writing.
+
+Definitions (the reports repeat them):
+- r between two trials: Pearson r of the flattened (frames, latent) arrays over the frames both have (the
+  common leading frames; same-stimulus trials have equal lengths).
+- Centred (primary): before correlating, each animal's mean latent is subtracted, frame by frame, averaged
+  over the animal's trials that have that frame and that enter the analysis. Raw r (as published) is
+  dominated by a trial-independent template and is reported under "raw".
+- Blocks: "train" = both trials of a pair in the train tier, "oracle" = both in the oracle tier; the
+  top-level numbers pool every pair (all tiers, cross-tier pairs included).
+- Tests are one-sided (paired > unpaired). Statistic of the permutation test: mean paired r - mean unpaired
+  r. Null: between two trial sets (animals, or neural vs stimulus), the stimulus labels of side A are
+  permuted as whole groups (all trials of a stimulus stay together, so repeats move as one) among the
+  stimuli of the same tier; within one animal (repeats), labels are shuffled across trials of the same
+  tier. Row 0 is the observed labelling; p = (1 + #{null >= observed}) / (1 + n_permutations).
+  Welch t and Mann-Whitney U treat every pair as independent and are optimistic; verdicts use perm p.
+- Every pair is used (no subsampling); pairs whose r is not finite (constant or non-finite arrays) are
+  left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+BLOCKS = ("train", "oracle")          # tiers reported as separate blocks; "pooled" is every pair
+ALPHA = 0.05                          # verdict threshold on the permutation p
+METHOD = {
+    "r": "Pearson r of flattened (frames, latent) arrays over the common leading frames",
+    "centring": "each animal's per-frame mean latent over its analysed trials (those having the frame) "
+                "subtracted first; primary. 'raw' = uncentred, as published",
+    "blocks": "train = both trials train tier, oracle = both oracle tier; top level pools all pairs",
+    "tests": "one-sided, paired > unpaired; Welch t and Mann-Whitney U assume independent pairs",
+    "permutation": "statistic mean paired r - mean unpaired r; stimulus labels permuted within tier "
+                   "(whole stimulus groups between trial sets, trials within an animal); "
+                   "p = (1 + #null >= observed) / (1 + n); k stimuli in a tier allow at most k! distinct "
+                   "relabellings, so few stimuli cannot give a small p",
+    "subsampling": "none: every pair is used",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------
+
+class StatsError(ValueError):
+    """Input the statistics cannot use: one line naming the file and the problem."""
+
+
+def load(path: str, read: Callable) -> list:
+    """Trials of a representations file, checked: StatsError (one line naming the file) if unusable.
+
+    read: the reader of the file format (data.read_representations; the scripts pass it in so that
+    this module stays at the ground floor) returning (trials, attrs); trials are data.TrialRep.
+    """
+    try:
+        trials, _ = read(path)
+    except (KeyError, ValueError, OSError) as e:      # our format tag but a malformed layout
+        raise StatsError(f"{path}: malformed representations file ({type(e).__name__}: {e})") from None
+    if not trials:
+        raise StatsError(f"{path}: holds no trials")
+    latent = None
+    for t in trials:
+        where = f"{path}: {t.mouse}/{t.tier}/{t.trial}"
+        if "mu_x" not in t.arrays:
+            raise StatsError(f"{where} has no mu_x")
+        for name in ("mu_x", "mu_y"):
+            x = t.arrays.get(name)
+            if x is None:
+                continue
+            if x.ndim != 2 or (latent is not None and x.shape[1] != latent):
+                raise StatsError(f"{where}/{name} has shape {x.shape}, expected (frames, {latent})")
+            latent = x.shape[1]
+            if not np.isfinite(x).all():
+                raise StatsError(f"{where}/{name} holds non-finite values")
+    return trials
+
+
+def by_animal(trials: list) -> dict[str, list]:
+    """Trials grouped by mouse, in file order."""
+    groups: dict[str, list] = {}
+    for t in trials:
+        groups.setdefault(t.mouse, []).append(t)
+    return groups
+
+
+def default_reps_path() -> str:
+    """The newest runs/*/reps.h5 under the current folder; StatsError if there is none."""
+    found = glob.glob(os.path.join("runs", "*", "reps.h5"))
+    if not found:
+        raise StatsError("no representations file given and none found at runs/*/reps.h5")
+    return max(found, key=os.path.getmtime)
+
+
+# ---------------------------------------------------------------------------------------------
+# Correlations
+# ---------------------------------------------------------------------------------------------
+
+def _padded(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack (frames_i, D) arrays into zero-padded (n, max_frames, D) float64 and their lengths (n,)."""
+    lengths = np.array([len(x) for x in arrays])
+    out = np.zeros((len(arrays), lengths.max(initial=0), arrays[0].shape[1]))
+    for i, x in enumerate(arrays):
+        out[i, :len(x)] = x
+    return out, lengths
+
+
+def centre(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Subtract the per-frame mean over the trials that have that frame. (frames_i, D) -> same, float64."""
+    stacked, lengths = _padded(arrays)
+    n_having = (lengths[:, None] > np.arange(stacked.shape[1])).sum(0)
+    mean = stacked.sum(0) / np.maximum(n_having, 1)[:, None]
+    return [np.asarray(x, np.float64) - mean[:len(x)] for x in arrays]
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows centred and scaled to unit norm, so a dot product of two rows is their Pearson r."""
+    x = x - x.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):   # a constant row gives NaN r, dropped later
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def correlation_matrix(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    """r[i, j]: Pearson r of a[i] and b[j] flattened over their common leading frames.
+
+    a, b: lists of (frames, D) arrays (one D). Returns (len(a), len(b)) float64; NaN where undefined.
+    Pairs are handled in groups that share the common length n (rows of length n against columns of at
+    least n, then longer rows against columns of length n), so each group is one matrix product.
+    """
+    xa, la = _padded(a)
+    xb, lb = _padded(b)
+    xa, xb = xa.reshape(len(a), -1), xb.reshape(len(b), -1)
+    d = a[0].shape[1]
+    r = np.full((len(a), len(b)), np.nan)
+    for n in np.union1d(la, lb):
+        if n == 0:
+            continue
+        for rows, cols in ((la == n, lb >= n), (la > n, lb == n)):
+            if rows.any() and cols.any():
+                r[np.ix_(rows, cols)] = _unit_rows(xa[rows, :n * d]) @ _unit_rows(xb[cols, :n * d]).T
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired vs unpaired comparisons with a permutation null
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    """One block's correlations split into paired (same stimulus) and unpaired, with a permutation null.
+
+    paired (n_p,), unpaired (n_u,): float32 r. perm_sum, perm_n (n_perm + 1,): sum and count of r over the
+    paired set under each relabelling; row 0 is the observed labelling. total_sum, total_n: all pairs of
+    the block (paired + unpaired). n_stimuli: stimulus groups contributing paired values.
+    """
+
+    paired: np.ndarray
+    unpaired: np.ndarray
+    perm_sum: np.ndarray
+    perm_n: np.ndarray
+    total_sum: float
+    total_n: int
+    n_stimuli: int
+
+    def __add__(self, other: Comparison) -> Comparison:
+        """Pool two comparisons of disjoint trial sets (their relabellings are independent)."""
+        return Comparison(np.concatenate([self.paired, other.paired]),
+                          np.concatenate([self.unpaired, other.unpaired]),
+                          self.perm_sum + other.perm_sum, self.perm_n + other.perm_n,
+                          self.total_sum + other.total_sum, self.total_n + other.total_n,
+                          self.n_stimuli + other.n_stimuli)
+
+
+def block_masks(tiers_a: np.ndarray, tiers_b: np.ndarray) -> dict[str, np.ndarray]:
+    """{"pooled"|"train"|"oracle": (n_a, n_b) bool} — which pairs each block holds."""
+    masks = {"pooled": np.ones((len(tiers_a), len(tiers_b)), bool)}
+    for tier in BLOCKS:
+        masks[tier] = (tiers_a == tier)[:, None] & (tiers_b == tier)[None, :]
+    return masks
+
+
+def stratified_permutations(strata: np.ndarray, n_perm: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_perm + 1, n) indices: row 0 the identity, each other row permutes within equal strata."""
+    perms = np.tile(np.arange(len(strata)), (n_perm + 1, 1))
+    for s in np.unique(strata):
+        idx = np.flatnonzero(strata == s)
+        perms[1:, idx] = rng.permuted(np.tile(idx, (n_perm, 1)), axis=1)
+    return perms
+
+
+def compare_between(r: np.ndarray, labels_a: np.ndarray, labels_b: np.ndarray, tiers_a: np.ndarray,
+                    tiers_b: np.ndarray, n_perm: int, rng: np.random.Generator) -> dict[str, Comparison]:
+    """Paired = same label, between two trial sets; null relabels side A's stimulus groups within tier.
+
+    r: (n_a, n_b) correlations; labels_*: (n,) int stimulus labels; tiers_*: (n,) str.
+    Returns {"pooled"|"train"|"oracle": Comparison}.
+    """
+    groups_a, group_of_a = np.unique(labels_a, return_inverse=True)
+    groups_b, group_of_b = np.unique(labels_b, return_inverse=True)
+    n_ga, n_gb = len(groups_a), len(groups_b)
+    pos = np.searchsorted(groups_b, groups_a).clip(max=n_gb - 1)
+    b_group_of_label = np.where(groups_b[pos] == groups_a, pos, -1)    # per A group; -1: not in B
+    has = b_group_of_label >= 0
+    # a stimulus shown in several tiers is its own stratum, so it is only swapped with its like
+    group_tiers = np.array(["+".join(sorted(set(tiers_a[group_of_a == g]))) for g in range(n_ga)])
+    perms = stratified_permutations(group_tiers, n_perm, rng)        # group g takes label groups_a[k]
+    cell = (group_of_a[:, None] * n_gb + group_of_b[None, :]).ravel()
+    paired = labels_a[:, None] == labels_b[None, :]
+    out = {}
+    for name, mask in block_masks(tiers_a, tiers_b).items():
+        ok = mask & np.isfinite(r)
+        sums = np.bincount(cell, np.where(ok, r, 0).ravel(), n_ga * n_gb).reshape(n_ga, n_gb)
+        counts = np.bincount(cell, ok.ravel(), n_ga * n_gb).reshape(n_ga, n_gb)
+        # gain[g, k]: the pairs of A group g with the B group that holds A group k's label
+        gain_sum, gain_n = np.zeros((n_ga, n_ga)), np.zeros((n_ga, n_ga))
+        gain_sum[:, has] = sums[:, b_group_of_label[has]]
+        gain_n[:, has] = counts[:, b_group_of_label[has]]
+        rows = np.arange(n_ga)
+        out[name] = Comparison(r[ok & paired].astype(np.float32), r[ok & ~paired].astype(np.float32),
+                               gain_sum[rows, perms].sum(1), gain_n[rows, perms].sum(1),
+                               float(sums.sum()), int(counts.sum()), int((np.diag(gain_n) > 0).sum()))
+    return out
+
+
+def compare_within(r: np.ndarray, labels: np.ndarray, tiers: np.ndarray, n_perm: int,
+                   rng: np.random.Generator) -> dict[str, Comparison]:
+    """Paired = two different trials of one animal with the same label (pairs i < j); null shuffles labels
+    across trials of the same tier (relabelling whole groups would leave the pairs unchanged).
+
+    r: (n, n) symmetric; labels: (n,) int; tiers: (n,) str. Returns {"pooled"|"train"|"oracle": Comparison}.
+    """
+    upper = np.triu(np.ones(r.shape, bool), 1)
+    paired = labels[:, None] == labels[None, :]
+    perm_labels = labels[stratified_permutations(tiers, n_perm, rng)]
+    # after shuffling, only trials of tiers holding a repeated label can form a same-label pair
+    values, counts = np.unique(labels, return_counts=True)
+    active = np.isin(tiers, tiers[np.isin(labels, values[counts > 1])])
+    sub = np.ix_(active, active)
+    m = int(active.sum())
+    chunk = max(1, 4_000_000 // max(m * m, 1))
+    out = {}
+    for name, mask in block_masks(tiers, tiers).items():
+        ok = mask & upper & np.isfinite(r)
+        weights = np.stack([np.where(ok, r, 0)[sub].ravel(), ok[sub].ravel()], 1)     # (m*m, 2)
+        null = np.empty((len(perm_labels), 2))
+        for start in range(0, len(perm_labels), chunk):
+            lab = perm_labels[start:start + chunk][:, active]
+            same = (lab[:, :, None] == lab[:, None, :]).reshape(len(lab), -1)
+            null[start:start + chunk] = same @ weights
+        out[name] = Comparison(r[ok & paired].astype(np.float32), r[ok & ~paired].astype(np.float32),
+                               null[:, 0], null[:, 1], float(np.where(ok, r, 0).sum()), int(ok.sum()),
+                               len(np.unique(labels[np.nonzero(ok & paired)[0]])))
+    return out
+
+
+def between(a: list[np.ndarray], b: list[np.ndarray], labels_a, labels_b, tiers_a, tiers_b,
+            n_perm: int, rng: np.random.Generator) -> dict[str, dict[str, Comparison]]:
+    """Centred and raw comparisons of trial set a against trial set b (each centred over itself).
+
+    a, b: lists of (frames, D). Returns {"centred"|"raw": {"pooled"|"train"|"oracle": Comparison}}.
+    """
+    la, lb, ta, tb = map(np.asarray, (labels_a, labels_b, tiers_a, tiers_b))
+    return {"centred": compare_between(correlation_matrix(centre(a), centre(b)), la, lb, ta, tb, n_perm, rng),
+            "raw": compare_between(correlation_matrix(a, b), la, lb, ta, tb, n_perm, rng)}
+
+
+def within(a: list[np.ndarray], labels, tiers, n_perm: int,
+           rng: np.random.Generator) -> dict[str, dict[str, Comparison]]:
+    """Centred and raw comparisons among the trials of one animal (repeats vs non-repeats)."""
+    labels, tiers = np.asarray(labels), np.asarray(tiers)
+    centred = centre(a)
+    return {"centred": compare_within(correlation_matrix(centred, centred), labels, tiers, n_perm, rng),
+            "raw": compare_within(correlation_matrix(a, a), labels, tiers, n_perm, rng)}
+
+
+def pool(items: list[dict[str, Comparison]]) -> dict[str, Comparison]:
+    """Pool {block: Comparison} dicts block by block (valid null only for disjoint trial sets)."""
+    return {block: sum((item[block] for item in items[1:]), items[0][block]) for block in items[0]}
+
+
+def combine(results: list[dict[str, dict[str, Comparison]]]) -> dict[str, dict[str, Comparison]]:
+    """Pool between()/within() results of disjoint trial sets (e.g. the animals of a group), kind by kind."""
+    return {kind: pool([res[kind] for res in results]) for kind in results[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+def cohens_d(paired: np.ndarray, unpaired: np.ndarray) -> float:
+    """(mean paired - mean unpaired) / pooled standard deviation (ddof 1); NaN if undefined."""
+    n1, n2 = len(paired), len(unpaired)
+    if n1 < 2 or n2 < 2:
+        return float("nan")
+    pooled_var = ((n1 - 1) * np.var(paired, ddof=1) + (n2 - 1) * np.var(unpaired, ddof=1)) / (n1 + n2 - 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float((np.mean(paired) - np.mean(unpaired)) / np.sqrt(pooled_var))
+
+
+def permutation_p(null: np.ndarray) -> float:
+    """One-sided p of null[0] (observed) against null[1:]: (1 + #{null >= observed}) / (1 + #finite)."""
+    rest = null[1:][np.isfinite(null[1:])]
+    if not np.isfinite(null[0]) or len(rest) == 0:
+        return float("nan")
+    return float((1 + np.sum(rest >= null[0])) / (1 + len(rest)))
+
+
+def summarise(c: Comparison) -> dict:
+    """paired_mean, unpaired_mean, cohens_d, perm_p, t_p, mwu_p, n_paired, n_unpaired, n_stimuli (NaN if
+    undefined)."""
+    p, u = c.paired.astype(np.float64), c.unpaired.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        null = c.perm_sum / c.perm_n - (c.total_sum - c.perm_sum) / (c.total_n - c.perm_n)
+    nan = float("nan")
+    t_p = mwu_p = nan
+    if len(p) >= 2 and len(u) >= 2:
+        t_p = float(sps.ttest_ind(p, u, equal_var=False, alternative="greater").pvalue)
+    if len(p) and len(u):
+        mwu_p = float(sps.mannwhitneyu(p, u, alternative="greater").pvalue)
+    return {"paired_mean": float(p.mean()) if len(p) else nan,
+            "unpaired_mean": float(u.mean()) if len(u) else nan,
+            "cohens_d": cohens_d(p, u), "perm_p": permutation_p(null), "t_p": t_p, "mwu_p": mwu_p,
+            "n_paired": len(p), "n_unpaired": len(u), "n_stimuli": c.n_stimuli}
+
+
+def result(comparisons: dict[str, dict[str, Comparison]]) -> dict:
+    """JSON entry: centred pooled summary at the top, "blocks", and the same under "raw"."""
+    def one(kind: dict[str, Comparison]) -> dict:
+        return {**summarise(kind["pooled"]), "blocks": {b: summarise(kind[b]) for b in BLOCKS}}
+    return {**one(comparisons["centred"]), "raw": one(comparisons["raw"])}
+
+
+def two_way_anova(cells: list[list[np.ndarray]], names: tuple[str, str]) -> dict:
+    """Two-way ANOVA with interaction, type II sums of squares, for an unbalanced design.
+
+    cells[i][j]: (n_ij,) values at level i of factor names[0] and level j of names[1]. Fitted on cell
+    counts, means and within-cell sums of squares: for a model that is constant within cells, the
+    residual sum of squares is the within-cell one plus the count-weighted misfit of the cell means.
+    """
+    n_levels_a, n_levels_b = len(cells), len(cells[0])
+    flat = [np.asarray(cells[i][j], np.float64) for i in range(n_levels_a) for j in range(n_levels_b)]
+    n = np.array([len(v) for v in flat])
+    keep = n > 0
+    mean = np.array([v.mean() if len(v) else 0.0 for v in flat])
+    within_ss = sum(float(((v - v.mean()) ** 2).sum()) for v in flat if len(v))
+    level_a, level_b = np.divmod(np.arange(len(flat)), n_levels_b)
+    dummies_a = (level_a[:, None] == np.arange(1, n_levels_a)).astype(float)
+    dummies_b = (level_b[:, None] == np.arange(1, n_levels_b)).astype(float)
+    interaction = (dummies_a[:, :, None] * dummies_b[:, None, :]).reshape(len(flat), -1)
+
+    def fit(*terms: np.ndarray) -> tuple[float, int]:
+        x = np.hstack([np.ones((len(flat), 1)), *terms])[keep]
+        w = np.sqrt(n[keep])
+        beta = np.linalg.lstsq(x * w[:, None], mean[keep] * w, rcond=None)[0]
+        return within_ss + float((n[keep] * (mean[keep] - x @ beta) ** 2).sum()), np.linalg.matrix_rank(x)
+
+    rss_full, rank_full = fit(dummies_a, dummies_b, interaction)
+    rss_ab, rank_ab = fit(dummies_a, dummies_b)
+    rss_a, rank_a = fit(dummies_a)
+    rss_b, rank_b = fit(dummies_b)
+    df_resid = int(n.sum()) - rank_full
+    effects = {}
+    for name, ss, df in ((names[0], rss_b - rss_ab, rank_ab - rank_b),
+                         (names[1], rss_a - rss_ab, rank_ab - rank_a),
+                         (f"{names[0]}:{names[1]}", rss_ab - rss_full, rank_full - rank_ab)):
+        f_value = (ss / df) / (rss_full / df_resid) if df > 0 and df_resid > 0 and rss_full > 0 else np.nan
+        effects[name] = {"df": int(df), "ss": float(ss), "F": float(f_value),
+                         "p": float(sps.f.sf(f_value, df, df_resid)) if np.isfinite(f_value) else np.nan}
+    return {"model": f"r ~ {names[0]} * {names[1]}, type II sums of squares", "n": int(n.sum()),
+            "effects": effects, "residual": {"df": df_resid, "ss": float(rss_full)},
+            "note": "p assumes independent pairs (optimistic); verdicts use the permutation p"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports, JSON, figures, files
+# ---------------------------------------------------------------------------------------------
+
+def jsonable(x):
+    """Nested dicts/lists with NaN and inf turned into null and numpy scalars into Python ones."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def fmt(x, spec: str) -> str:
+    """x formatted by spec, or "-" for None / NaN."""
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def table(rows: list[tuple[str, str, dict]], label: str) -> str:
+    """Text table; rows: (label, block, summary dict)."""
+    head = (f"{label:<28} {'block':<7} {'n_stim':>6} {'n_paired':>8} {'n_unpaired':>10} {'paired_r':>8} "
+            f"{'unpaired_r':>10} {'d':>7} {'perm_p':>8} {'t_p':>9} {'mwu_p':>9}")
+    lines = [head, "-" * len(head)]
+    for name, block, s in rows:
+        lines.append(f"{name:<28} {block:<7} {s['n_stimuli']:>6} {s['n_paired']:>8} {s['n_unpaired']:>10} "
+                     f"{fmt(s['paired_mean'], '.3f'):>8} {fmt(s['unpaired_mean'], '.3f'):>10} "
+                     f"{fmt(s['cohens_d'], '.2f'):>7} {fmt(s['perm_p'], '.3g'):>8} "
+                     f"{fmt(s['t_p'], '.2g'):>9} {fmt(s['mwu_p'], '.2g'):>9}")
+    return "\n".join(lines)
+
+
+def table_rows(name: str, entry: dict) -> list[tuple[str, str, dict]]:
+    """Rows for one result() entry (or its "raw" part): pooled, then each block."""
+    return [(name, "pooled", entry)] + [(name, b, entry["blocks"][b]) for b in BLOCKS]
+
+
+def verdict(name: str, s: dict) -> str:
+    """One line: the decision from the permutation p, with paired r next to d."""
+    p = s["perm_p"]
+    decided = p is not None and np.isfinite(p) and p < ALPHA
+    what = "paired more similar than unpaired" if decided else "no evidence that paired are more similar"
+    return (f"{name}: {what} (paired r = {fmt(s['paired_mean'], '.3f')} vs unpaired "
+            f"{fmt(s['unpaired_mean'], '.3f')}, d = {fmt(s['cohens_d'], '.2f')}, perm p = {fmt(p, '.3g')}, "
+            f"{s['n_stimuli']} stimuli)")
+
+
+def method_lines(path: str, n_perm: int, seed: int) -> list[str]:
+    """Report header: the input and how every number is defined."""
+    return [f"file: {path}", f"permutations: {n_perm} (seed {seed}); verdicts: permutation p < {ALPHA}",
+            *(f"{k}: {v}" for k, v in METHOD.items())]
+
+
+def histogram_figure(panels: list[list[tuple[str, Comparison | None]]], title: str) -> bytes:
+    """PNG of paired vs unpaired r histograms; panels[row][col] = (title, comparison or None for blank)."""
+    from matplotlib.figure import Figure  # object API: no pyplot state; PNG is drawn by Agg
+
+    n_rows, n_cols = len(panels), max(len(row) for row in panels)
+    fig = Figure(figsize=(4.2 * n_cols, 3.2 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for row, ax_row in zip(panels, axes, strict=True):
+        for ax, (name, c) in zip(ax_row, row + [("", None)] * (n_cols - len(row)), strict=True):
+            if c is None or not len(c.paired) + len(c.unpaired):
+                ax.axis("off")
+                continue
+            bins = np.linspace(-1, 1, 81)
+            for values, label, colour in ((c.unpaired, "unpaired", "tab:gray"),
+                                          (c.paired, "paired", "tab:red")):
+                if len(values):
+                    ax.hist(values, bins, density=True, histtype="stepfilled", alpha=0.5, color=colour,
+                            label=f"{label} (n={len(values)}, mean {values.mean():.3f})")
+                    ax.axvline(values.mean(), color=colour, lw=1)
+            ax.set_title(f"{name}\nd = {fmt(cohens_d(c.paired, c.unpaired), '.2f')}", fontsize=9)
+            ax.set_xlabel("Pearson r")
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def matrix_figure(panels: list[tuple[str, np.ndarray]], row_labels: np.ndarray, col_labels: np.ndarray,
+                  title: str) -> bytes:
+    """PNG of correlation matrices (rows, cols) side by side, with lines between stimulus groups."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(panels), 4.6), layout="constrained")
+    for ax, (name, r) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        image = ax.imshow(r, cmap="RdBu_r", vmin=-np.nanmax(np.abs(r)), vmax=np.nanmax(np.abs(r)))
+        for k in np.flatnonzero(np.diff(row_labels)):
+            ax.axhline(k + 0.5, color="k", lw=0.3)
+        for k in np.flatnonzero(np.diff(col_labels)):
+            ax.axvline(k + 0.5, color="k", lw=0.3)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="r")
+    fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def write_outputs(folder: str, files: dict[str, bytes]) -> None:
+    """Write every file to a temp name first, then rename them all: no half-written output."""
+    os.makedirs(folder, exist_ok=True)
+    temps = {}
+    try:
+        for name, content in files.items():
+            fd, temps[name] = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+        for name, tmp in temps.items():
+            os.replace(tmp, os.path.join(folder, name))
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n").encode()
+
+
+def run_cli(doc: str, argv: list[str] | None, analyse: Callable[[list, str, int, int], dict[str, bytes]],
+            read: Callable, read_errors: tuple[type[Exception], ...] = ()) -> int:
+    """Shared CLI: parse [reps.h5] [--out DIR] [--permutations N] [--seed S], read and check the trials
+    with `read`, run analyse(trials, path, n_perm, seed) -> {file name: content}, write the files.
+
+    A StatsError, or one of `read_errors` (the reader's own), becomes one stderr line and exit 2.
+    """
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reps", nargs="?", help="representations file (default: newest runs/*/reps.h5)")
+    parser.add_argument("--out", help="output folder (default: the folder of the representations file)")
+    parser.add_argument("--permutations", type=int, default=1000, help="stimulus relabellings (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
+    args = parser.parse_args(argv)
+    if args.permutations < 1:
+        parser.error("--permutations must be at least 1")
+    try:
+        path = args.reps or default_reps_path()
+        files = analyse(load(path, read), path, args.permutations, args.seed)
+        write_outputs(args.out or os.path.dirname(os.path.abspath(path)), files)
+    except (StatsError, *read_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
