@@ -427,8 +427,11 @@ def make_train_loader(mice: list[Mouse], frames: int, batch_size: int, num_worke
     if not plan:
         raise DataError(f"no full batch of {batch_size} train trials per rank in "
                         f"{', '.join(m.path for m in mice) or 'no mice'}")
+    # a private generator: otherwise each new iterator draws its worker seed from the global torch
+    # RNG, and a resumed run (one more iterator) would sample different noise than a straight one
     return torch.utils.data.DataLoader(TrainWindows(mice, frames), batch_size=None,
-                                       sampler=plan[start_batch:], num_workers=num_workers)
+                                       sampler=plan[start_batch:], num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed + epoch))
 
 
 def eval_windows(mouse: Mouse, i: int, frames: int) -> dict:

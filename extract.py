@@ -1,0 +1,119 @@
+"""Extract per-trial representations (Gaussian means and log-variances) from a trained PNBA.
+
+    python extract.py --ckpt runs/RUN/last.pt                       # the run's own data -> runs/RUN/reps.h5
+    python extract.py --ckpt runs/RUN/last.pt --data /data/new_mice --out new.h5   # zero-shot, new animals
+    python extract.py --ckpt runs/RUN/last.pt --tiers train,oracle --device cuda
+
+Every trial that has responses (train, oracle and test tiers whose responses are real; hidden test
+tiers are skipped) is encoded with means, no sampling, in consecutive windows of the training length.
+Output: HDF5 /<mouse>/<tier>/<trial>/{mu_x, logvar_x, mu_y, logvar_y, mu_p} (float32,
+(frames, latent)) with attributes stimulus (pixel-pairing group id), valid_frames, and per mouse
+heldout (True for every animal the model did not train on). Written to a temp file, then renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import config
+import data
+import pnba
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode_trial(model, mouse, trial: int, frames: int, device) -> dict:
+    """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32."""
+    w = data.eval_windows(mouse, trial, frames)
+    video = w["video"].to(device) if w.get("video") is not None else None
+    coords = None if mouse.coords is None else torch.as_tensor(mouse.coords, dtype=torch.float32).to(device)
+    g = model.encode(w["responses"].to(device), video, coords=coords)
+    keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
+    out = {}
+    for name in data.REPS_ARRAYS:
+        t = getattr(g, name)
+        if t is None:
+            continue
+        # (W, C, n, T) -> (W * T, C * n): one row per frame, the latent of that frame
+        per_frame = t.float().permute(0, 3, 1, 2).flatten(2).flatten(0, 1)
+        out[name] = per_frame[keep].cpu().numpy()
+    return out
+
+
+def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="auto") -> str:
+    ckpt = pnba.load_checkpoint(ckpt_path)
+    cfg = config.from_dict(ckpt["config"])
+    paths = list(data_paths or cfg.data.paths)
+    if not paths:
+        raise data.DataError(f"{ckpt_path}: the checkpoint names no data folders; pass --data")
+    mice = [data.Mouse(p, std_floor=cfg.data.std_floor) for p in data.find_mice(paths)]
+    pnba.check_mice(ckpt, {m.name: m.n_neurons for m in mice}, source=ckpt_path)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model = pnba.PNBA(cfg.model, ckpt["neuron_counts"])
+    model.load_state_dict(ckpt["model"])
+    model.to(dev).eval()
+
+    groups = data.stimulus_groups(mice)
+    jobs = []
+    for m in mice:
+        trials = [int(i) for i in m.trials(tiers) if not m.is_hidden(int(i))]
+        if tiers:
+            for t in tiers:
+                if not any(m.tiers[i] == t for i in trials):
+                    raise data.DataError(f"{m.path}: tier {t!r} has no trials with responses")
+        jobs += [(m, i) for i in trials]
+    if not jobs:
+        raise data.DataError(f"{', '.join(paths)}: no trials with responses to extract")
+
+    reps = []
+    t0 = time.time()
+    for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
+        arrays = encode_trial(model, m, i, cfg.data.frames, dev)
+        reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1),
+                                  m.valid_frames(i), m.name not in ckpt["neuron_counts"], arrays))
+    rate = len(jobs) / (time.time() - t0)
+    out_path = out_path or str(Path(ckpt_path).with_name("reps.h5"))
+    data.write_representations(out_path, reps, {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "checkpoint_sha256": file_digest(ckpt_path),
+        "step": int(ckpt.get("step", 0)),
+        "config": json.dumps(ckpt["config"]),
+    })
+    print(f"wrote {out_path}: {len(reps)} trials of {len(mice)} animals ({rate:.1f} trials/s)")
+    return out_path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--data", nargs="+", default=None, help="mouse folders (default: the run's own)")
+    p.add_argument("--out", default=None, help="output HDF5 (default: reps.h5 beside the checkpoint)")
+    p.add_argument("--tiers", default=None, help="comma-separated tiers (default: every tier with responses)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    tiers = [t for t in args.tiers.split(",") if t] if args.tiers else None
+    try:
+        extract(args.ckpt, args.data, args.out, tiers, args.device)
+    except (data.DataError, pnba.CheckpointError, config.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
