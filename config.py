@@ -30,8 +30,13 @@ class ModelConfig:
     proj_dropout: float = 0.0
     set_slots: int = 256              # "set": learned query slots (== proj_neurons)
     set_heads: int = 4                # "set": heads of the slot cross-attention
+    set_token_dim: int = 64           # "set": width of a (neuron, frame) token
     use_coords: bool = False          # "set": add each neuron's normalised cortical coordinates
-    base_channel: int = 64            # VQGAN-style encoder/decoder width
+    # neural output stage: "resize" is the published one (bicubic resize of the neuron axis to N + convs);
+    # "neuron" is a per-neuron factorised readout (order-consistent; pairs with "set", see pnba.py)
+    neural_readout: str = "resize"
+    readout_channels: int = 16        # "neuron": shared feature channels each neuron reads
+    base_channel: int = 64            # VQGAN-style encoder width (the neural decoder is twice as wide)
     ch_mult: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 1
     dropout: float = 0.0
@@ -40,7 +45,7 @@ class ModelConfig:
     video_blocks: tuple[int, ...] = (4, 3, 2, 1)
     temporal_kernel: int = 5
     video_to_neural: str = "pool"     # "nearest" (published) | "pool"
-    checkpointing: bool = False       # activation checkpointing of the full-resolution neural stages
+    checkpointing: bool = False       # recompute the full-resolution stages in backward (less memory)
     kernels: str = "auto"             # "auto" (Triton on CUDA) | "triton" | "torch"
     # loss weights (published: all 1)
     w_poisson: float = 1.0            # Poisson NLL of responses from the fused sample
@@ -100,7 +105,8 @@ class Config:
 def _paper() -> Config:
     """The reference mouse-V1 configuration (zhuyu-cs/PNBA config/config.py)."""
     cfg = Config()
-    cfg.model.video_to_neural = "nearest"
+    m = cfg.model   # the ModelConfig defaults are the published sizes; these are its published choices
+    m.neural_projector, m.neural_readout, m.video_to_neural = "conv", "resize", "nearest"
     return cfg
 
 
@@ -108,10 +114,10 @@ def _demo() -> Config:
     """Trains in a few minutes on 2 CPU cores on the synthetic demo dataset."""
     cfg = Config()
     m = cfg.model
-    m.neural_projector = "set"
-    m.proj_neurons, m.set_slots, m.proj_channels = 64, 64, 32
-    m.base_channel, m.ch_mult = 16, (1, 2, 2, 4)
-    m.video_features, m.video_blocks = (8, 16, 32, 8), (1, 1, 1, 1)
+    m.neural_projector, m.neural_readout = "set", "neuron"
+    m.proj_neurons, m.set_slots, m.proj_channels, m.set_token_dim = 64, 64, 32, 32
+    m.base_channel, m.ch_mult = 16, (1, 2, 4)            # 3 levels: latent (B, 8, 4, T) as in the paper
+    m.video_features, m.video_blocks, m.temporal_kernel = (4, 8, 16, 8), (1, 1, 1, 1), 3
     cfg.data.batch_size, cfg.data.num_workers = 16, 2
     cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs = 1e-3, 50, 30
     cfg.optim.min_lr = 1e-5
@@ -123,10 +129,10 @@ def _tiny() -> Config:
     """Smallest model with every stage present; for tests."""
     cfg = Config()
     m = cfg.model
-    m.neural_projector = "set"
-    m.proj_neurons, m.set_slots, m.proj_channels, m.set_heads = 64, 64, 8, 2
-    m.base_channel, m.ch_mult = 8, (1, 1, 1, 1)
-    m.video_features, m.video_blocks = (4, 4, 8, 8), (1, 1, 1, 1)
+    m.neural_projector, m.neural_readout = "set", "neuron"
+    m.proj_neurons, m.set_slots, m.proj_channels, m.set_heads, m.set_token_dim = 64, 64, 8, 2, 8
+    m.base_channel, m.ch_mult = 8, (1, 1, 1)             # latent (B, 8, 4, T) as in the paper
+    m.video_features, m.video_blocks, m.temporal_kernel = (4, 4, 8, 8), (1, 1, 1, 1), 3
     cfg.data.batch_size, cfg.data.num_workers, cfg.data.frames = 4, 0, 8
     cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs = 1e-3, 2, 1
     cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 1, 1, 1
