@@ -27,7 +27,7 @@ class ModelConfig:
     neural_projector: str = "conv"
     proj_neurons: int = 256           # neuron axis after the projector
     proj_channels: int = 128          # channels of the projector output
-    proj_dropout: float = 0.0
+    proj_dropout: float = 0.0         # dropout in the projector
     set_slots: int = 256              # "set": learned query slots (== proj_neurons)
     set_heads: int = 4                # "set": heads of the slot cross-attention
     set_token_dim: int = 64           # "set": width of a (neuron, frame) token
@@ -37,13 +37,13 @@ class ModelConfig:
     neural_readout: str = "resize"
     readout_channels: int = 16        # "neuron": shared feature channels each neuron reads
     base_channel: int = 64            # VQGAN-style encoder width (the neural decoder is twice as wide)
-    ch_mult: tuple[int, ...] = (1, 2, 2, 4)
-    num_res_blocks: int = 1
-    dropout: float = 0.0
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)  # channels per encoder level (x4 fewer neurons per level)
+    num_res_blocks: int = 1           # residual blocks per encoder/decoder level
+    dropout: float = 0.0              # dropout in encoder/decoder residual blocks
     z_channels: int = 8               # latent channels C; latent is (B, C, n, T)
-    video_features: tuple[int, ...] = (32, 64, 128, 8)
-    video_blocks: tuple[int, ...] = (4, 3, 2, 1)
-    temporal_kernel: int = 5
+    video_features: tuple[int, ...] = (32, 64, 128, 8) # video encoder channels per level (last = z_channels)
+    video_blocks: tuple[int, ...] = (4, 3, 2, 1) # 3-D residual blocks per video level
+    temporal_kernel: int = 5          # temporal kernel of the video 3-D convs
     video_to_neural: str = "pool"     # "nearest" (published) | "pool"
     checkpointing: bool = False       # recompute the full-resolution stages in backward (less memory)
     kernels: str = "auto"             # "auto" (Triton on CUDA) | "triton" | "torch"
@@ -55,6 +55,7 @@ class ModelConfig:
     w_kl_fusion: float = 1.0          # KL(q_p||q_x) + KL(q_p||q_y)
     w_kl_cross: float = 1.0           # KL(q_x||q_y) + KL(q_y||q_x)
     w_match: float = 1.0              # probabilistic matching BCE
+    match_scale_init: float = 1.0     # initial a of the matching logits -a d + b (published 1)
 
 
 @dataclass
@@ -63,29 +64,30 @@ class DataConfig:
     holdout: tuple[str, ...] = ()     # mouse names (or unique prefixes) that take no gradient
     frames: int = 16                  # window length in frames
     batch_size: int = 32              # windows per step and per rank, all from one mouse
-    num_workers: int = 2
-    height: int = 32
-    width: int = 64
+    num_workers: int = 2              # DataLoader worker processes
+    height: int = 32                  # video height after resizing (Sensorium: 36 -> 32)
+    width: int = 64                   # video width after resizing
     std_floor: float = 0.01           # response std floor, as a fraction of the mean std
     synth_preset: str = "demo"        # synthetic dataset written when paths is empty
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.05
-    warmup_iters: int = 600
+    lr: float = 1e-4                  # AdamW peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999) # AdamW betas
+    weight_decay: float = 0.05        # AdamW weight decay
+    warmup_iters: int = 600           # linear learning-rate warm-up steps
     warmup_ratio: float = 1.0 / 3.0   # warm-up starts at lr * warmup_ratio
     min_lr: float = 1e-7              # end of the cosine decay
-    epochs: int = 400
+    epochs: int = 400                 # passes over the training trials (one random window per trial)
     grad_clip: float = 0.0            # max global grad norm; 0 disables clipping
     max_nonfinite: int = 5            # abort after this many non-finite losses in a row
+    align_warmup_iters: int = 0       # ramp KL and matching weights from 0 to 1 over these steps
 
 
 @dataclass
 class RunConfig:
-    seed: int = 42
+    seed: int = 42                    # seeds the model init, the windows and the sampling noise
     device: str = "auto"              # "auto" | "cpu" | "cuda"
     amp: bool = True                  # bf16 autocast on CUDA (ignored on CPU)
     log_every: int = 50               # iterations between metric lines
@@ -111,17 +113,22 @@ def _paper() -> Config:
 
 
 def _demo() -> Config:
-    """Trains in a few minutes on 2 CPU cores on the synthetic demo dataset."""
+    """Trains in under 5 minutes on 2 CPU cores on the synthetic demo dataset (216 steps)."""
     cfg = Config()
     m = cfg.model
     m.neural_projector, m.neural_readout = "set", "neuron"
     m.proj_neurons, m.set_slots, m.proj_channels, m.set_token_dim = 64, 64, 32, 32
     m.base_channel, m.ch_mult = 16, (1, 2, 4)            # 3 levels: latent (B, 8, 4, T) as in the paper
     m.video_features, m.video_blocks, m.temporal_kernel = (4, 8, 16, 8), (1, 1, 1, 1), 3
-    cfg.data.batch_size, cfg.data.num_workers = 16, 2
-    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs = 1e-3, 50, 30
-    cfg.optim.min_lr = 1e-5
-    cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 10, 10, 10
+    # half-resolution video and batch 8: the full-resolution 3-D convs set a floor of ~2 s/step on CPU
+    cfg.data.batch_size, cfg.data.num_workers, cfg.data.height, cfg.data.width = 8, 2, 16, 32
+    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs, cfg.optim.min_lr = 1e-3, 50, 9, 1e-5
+    # against collapse (README "Collapse"): logits of the matching loss start in BCE's working range
+    # (a = 1/D for D = 8*4*16 latent dimensions), and the alignment terms ramp in after the
+    # reconstruction terms have made the latents informative
+    m.match_scale_init = 1 / 512
+    cfg.optim.align_warmup_iters = 150
+    cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 10, 3, 9
     return cfg
 
 

@@ -628,7 +628,9 @@ class PNBA(nn.Module):
         self.neural_readout = (ResizeReadout(cfg) if cfg.neural_readout == "resize"
                                else NeuronReadout(cfg, self.neuron_counts))
         self.video_decoder = VideoDecoder(cfg)
-        self.match_scale = nn.Parameter(torch.tensor(1.0))   # a of the matching logits -a d + b
+        # a of the matching logits -a d + b. d sums over all C*n*T latent dimensions, so a = 1 (published)
+        # starts every logit near -D and only the pull-together term acts; see config match_scale_init
+        self.match_scale = nn.Parameter(torch.tensor(float(cfg.match_scale_init)))
         self.match_bias = nn.Parameter(torch.tensor(0.0))    # b
 
     # -- latent layout ---------------------------------------------------------------------------------
@@ -703,7 +705,7 @@ class PNBA(nn.Module):
 
     # -- training --------------------------------------------------------------------------------------
 
-    def forward(self, responses, video, mouse, coords=None) -> Output:
+    def forward(self, responses, video, mouse, coords=None, align_scale: float = 1.0) -> Output:
         """responses (B, T, N) of animal `mouse`, video (B, 1, T, H, W) -> Output (losses, reconstructions,
         Gaussians). Training mode draws reparameterised samples; eval mode uses the means (deterministic)."""
         neurons = self.neurons_of(mouse)
@@ -734,7 +736,9 @@ class PNBA(nn.Module):
             match=match_loss(flat[2], flat[3], flat[0], flat[1], self.match_scale, self.match_bias,
                              backend=backend) / B,
         )
-        total = sum(getattr(c, f"w_{name}") * value for name, value in terms.items())
+        # align_scale ramps the alignment terms in during warm-up (train.py); 1 = the published objective
+        scale = {"kl_fusion": align_scale, "kl_cross": align_scale, "match": align_scale}
+        total = sum(getattr(c, f"w_{name}") * scale.get(name, 1.0) * value for name, value in terms.items())
         gaussians = Gaussians(mu_x, logvar_x, mu_y, logvar_y, mu_p.view(latent_shape),
                               logvar_p.view(latent_shape))
         return Output(Losses(**terms, total=total), rate, rate_cross, video_rec, video_cross, gaussians)

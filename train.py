@@ -122,6 +122,18 @@ def pick_device(cfg, ddp_device):
     return torch.device(cfg.run.device)
 
 
+def align_scale(cfg, step):
+    """Weight of the alignment terms (KL, matching) at `step`: a linear ramp from 0 to 1.
+
+    Without it the demo collapses: the alignment terms penalise x/y mismatch by (mu_x - mu_y)^2 / var,
+    so the cheapest answer is the same constant latent for every trial, reached before the
+    reconstruction terms have made the latents informative (README, "Collapse").
+    """
+    if cfg.optim.align_warmup_iters <= 0:
+        return 1.0
+    return min(1.0, step / cfg.optim.align_warmup_iters)
+
+
 def make_scheduler(optimizer, cfg, total_steps):
     """Linear warm-up from lr*warmup_ratio, then cosine decay to min_lr."""
     warmup = max(1, min(cfg.optim.warmup_iters, total_steps // 2))
@@ -296,7 +308,7 @@ def train(argv=None):
                 mouse = next(m for m in train_mice if m.name == batch["mouse"])
                 with amp:
                     out = model(batch["responses"], batch["video"], batch["mouse"],
-                                coords=_coords(mouse, device))
+                                coords=_coords(mouse, device), align_scale=align_scale(cfg, step))
                 loss = out.losses.total
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:  # every rank must skip together, or DDP hangs in backward
