@@ -1274,12 +1274,14 @@ def test_model_loss_is_the_same_with_kernels_on_and_off(monkeypatch):
     cfg = preset("tiny")
     torch.manual_seed(0)
     model = pnba.PNBA(cfg.model, {"m1": 10})
+    # eval mode: the means, no sampling (the two backends draw noise from different generators; the
+    # noise itself is tested above), and still both kernels forward and backward
+    model.eval()
     responses = torch.rand(2, cfg.data.frames, 10)
     video = torch.rand(2, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
     results = []
     for backend in ("torch", "triton"):
         monkeypatch.setenv("PNBA_KERNELS", backend)  # what cfg.model.kernels = "auto" defers to
-        torch.manual_seed(1)  # the same sampling noise
         model.zero_grad()
         total = model(responses, video, "m1").losses.total
         total.backward()
@@ -1287,7 +1289,9 @@ def test_model_loss_is_the_same_with_kernels_on_and_off(monkeypatch):
                                                          if p.grad is not None])))
     (loss_off, grad_off), (loss_on, grad_on) = results
     _close(loss_on, loss_off)
-    _close(grad_on, grad_off)
+    # the kernels sum in another order than torch; through the whole network that fp32 difference
+    # grows to ~1e-4 relative in a few gradient entries (the kernels alone are held to 1e-5 above)
+    _close(grad_on, grad_off, rtol=1e-3)
 
 
 # ==================================================================================================
