@@ -1783,3 +1783,35 @@ def test_stats_refuse_foreign_hdf5(tmp_path, capsys):
     assert stats_zeroshot.main([str(foreign), "--out", str(tmp_path / "o")]) == 2
     assert "not a PNBA representations file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_science_zero_shot_effect_and_negative_control(tmp_path):
+    """After a short training, the held-out animals' same-stimulus pairs are more similar than other pairs
+    (centred d > 1, permutation p < 0.01), and the stimulus-blind control animal shows no effect."""
+    torch.set_num_threads(2)            # a real training run (the autouse fixture restores the count)
+    root = str(tmp_path / "data")
+    data.write_synthetic(
+        root, "demo", seed=0,
+        mice=(("dynamic90101-1-1", 83, "old"), ("dynamic90102-2-3", 127, "new"),
+              ("dynamic90105-2-2", 109, "old"), ("dynamic90106-4-1", 141, "new"),
+              ("dynamic90107-1-3", 72, "control")),
+        heldout=("dynamic90105-2-2", "dynamic90106-4-1"), t_valid=48, t_pad=52, n_shared_train=24,
+        n_unique_train=4, n_oracle_videos=2, oracle_repeats=3, n_main_test_videos=1)
+    truth = data.read_synthetic_truth(root)
+    run = tmp_path / "run"
+    holdout = ",".join(truth["heldout"] + truth["control"])
+    train.train(["--data", root, "--holdout", holdout, "--out", str(run), "--optim.epochs", "20",
+                 "--optim.align_warmup_iters", "60",
+                 "--run.val_every", "0", "--run.ckpt_every", "0", "--data.num_workers", "0"])
+    assert extract.main(["--ckpt", str(run / "last.pt"), "--tiers", "train,oracle"]) == 0
+    assert stats_zeroshot.main([str(run / "reps.h5")]) == 0
+    pairs = json.loads((run / "zeroshot.json").read_text())["pairs"]
+    heldout_pair = [p for p in pairs if {p["a"], p["b"]} == set(truth["heldout"])]
+    assert len(heldout_pair) == 1
+    assert heldout_pair[0]["cohens_d"] > 1 and heldout_pair[0]["perm_p"] < 0.01, heldout_pair[0]
+    control_pairs = [p for p in pairs if set(truth["control"]) & {p["a"], p["b"]}]
+    zero_shot_control = [p for p in control_pairs if p["heldout"]]
+    assert zero_shot_control and all(p["perm_p"] > 0.05 for p in zero_shot_control), zero_shot_control
+    # the control against every animal: several tests at once, so each at 0.05 / their number
+    assert all(p["perm_p"] > 0.05 / len(control_pairs) for p in control_pairs), control_pairs
