@@ -828,3 +828,17 @@ def per_neuron_corr(prediction, target):
     p = prediction.double() - prediction.double().mean(0)
     t = target.double() - target.double().mean(0)
     return ((p * t).sum(0) / (p.norm(dim=0) * t.norm(dim=0))).float()
+
+
+def between_trial_corr(mu):
+    """Mean Pearson r between the latents of different windows in a batch: (B, ...) -> float.
+
+    Near 1 means a trial-independent template dominates the latents: collapse, or a template over a
+    small trial-specific part (the centred statistics of stats_zeroshot.py tell which).
+    """
+    flat = mu.detach().float().flatten(1)
+    if flat.shape[0] < 2:
+        return float("nan")
+    r = torch.corrcoef(flat)
+    off = ~torch.eye(len(r), dtype=torch.bool, device=r.device)
+    return float(r[off].nanmean())

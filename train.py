@@ -148,19 +148,6 @@ def make_scheduler(optimizer, cfg, total_steps):
 # metrics
 # ------------------------------------------------------------------------------------------------
 
-def between_trial_corr(mu):
-    """Mean Pearson r between the latents of different windows in a batch: (B, ...) -> float.
-
-    Near 1 means collapse: every trial gets the same latent.
-    """
-    flat = mu.detach().float().flatten(1)
-    if flat.shape[0] < 2:
-        return float("nan")
-    r = torch.corrcoef(flat)
-    off = ~torch.eye(len(r), dtype=torch.bool, device=r.device)
-    return float(r[off].nanmean())
-
-
 def batch_to(batch, device):
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
     return out
@@ -337,7 +324,7 @@ def train(argv=None):
                     rec = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                            **{k: float(v.detach()) for k, v in out.losses._asdict().items()},
                            "poisson_floor": float(pnba.poisson_floor(batch["responses"])),
-                           "latent_corr": between_trial_corr(out.gaussians.mu_x),
+                           "latent_corr": pnba.between_trial_corr(out.gaussians.mu_x),
                            "windows_per_s": windows_log / max(dt, 1e-9)}
                     _append_jsonl(metrics_path, rec)
                     bar.set_postfix(loss=f"{rec['total']:.4g}", win_s=f"{rec['windows_per_s']:.0f}")
