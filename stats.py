@@ -406,11 +406,13 @@ def fmt(x, spec: str) -> str:
 
 def table(rows: list[tuple[str, str, dict]], label: str) -> str:
     """Text table; rows: (label, block, summary dict)."""
-    head = (f"{label:<28} {'block':<7} {'n_stim':>6} {'n_paired':>8} {'n_unpaired':>10} {'paired_r':>8} "
+    width = max([28, len(label)] + [len(name) for name, _, _ in rows])   # folder names are long
+    head = (f"{label:<{width}} {'block':<7} {'n_stim':>6} {'n_paired':>8} {'n_unpaired':>10} {'paired_r':>8} "
             f"{'unpaired_r':>10} {'d':>7} {'perm_p':>8} {'t_p':>9} {'mwu_p':>9}")
     lines = [head, "-" * len(head)]
     for name, block, s in rows:
-        lines.append(f"{name:<28} {block:<7} {s['n_stimuli']:>6} {s['n_paired']:>8} {s['n_unpaired']:>10} "
+        lines.append(f"{name:<{width}} {block:<7} {s['n_stimuli']:>6} {s['n_paired']:>8} "
+                     f"{s['n_unpaired']:>10} "
                      f"{fmt(s['paired_mean'], '.3f'):>8} {fmt(s['unpaired_mean'], '.3f'):>10} "
                      f"{fmt(s['cohens_d'], '.2f'):>7} {fmt(s['perm_p'], '.3g'):>8} "
                      f"{fmt(s['t_p'], '.2g'):>9} {fmt(s['mwu_p'], '.2g'):>9}")
