@@ -71,7 +71,7 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     groups = data.stimulus_groups(mice)
     jobs = []
     for m in mice:
-        trials = [int(i) for i in m.trials(tiers) if not m.is_hidden(int(i))]
+        trials = [int(i) for i in m.trials(tiers, hidden=False)]
         if tiers:
             for t in tiers:
                 if not any(m.tiers[i] == t for i in trials):

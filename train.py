@@ -54,11 +54,16 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
+def resume_checkpoint(resume):
+    """--resume takes a run directory (its last.pt) or a checkpoint file."""
+    return os.path.join(resume, "last.pt") if os.path.isdir(resume) else resume
+
+
 def build_config(args, rest):
     """Config from (resumed checkpoint | preset) + command-line overrides."""
     ckpt = None
     if args.resume:
-        path = os.path.join(args.resume, "last.pt") if os.path.isdir(args.resume) else args.resume
+        path = resume_checkpoint(args.resume)
         ckpt = pnba.load_checkpoint(path)
         cfg = config.from_dict(ckpt["config"])
         if args.preset:
@@ -149,8 +154,7 @@ def make_scheduler(optimizer, cfg, total_steps):
 # ------------------------------------------------------------------------------------------------
 
 def batch_to(batch, device):
-    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    return out
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -165,7 +169,7 @@ def validate(model, train_mice, heldout_mice, cfg, device):
     metrics = {}
     for mouse in train_mice + heldout_mice:
         trained = mouse in train_mice
-        tiers = [t for t in ("oracle",) if t in set(mouse.tiers)] or ["train"]
+        tiers = ["oracle"] if "oracle" in set(mouse.tiers) else ["train"]
         trials = mouse.trials(tiers)[:32]
         preds, targets, mse = [], [], []
         for i in trials:
@@ -259,9 +263,9 @@ def train(argv=None):
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                         find_unused_parameters=True)
 
-        out_dir = args.resume if (args.resume and os.path.isdir(args.resume)) else args.out
-        if args.resume and not os.path.isdir(args.resume):
-            out_dir = os.path.dirname(os.path.abspath(args.resume))
+        out_dir = args.out
+        if args.resume:
+            out_dir = os.path.dirname(os.path.abspath(resume_checkpoint(args.resume)))
         if out_dir is None:
             name = [time.strftime("%Y%m%d-%H%M%S") + f"-{args.preset or 'demo'}"]
             if world > 1:
