@@ -47,7 +47,7 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--neurons", type=int, default=7440)
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:<i>")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -57,6 +57,8 @@ def parse_args(argv):
     parser.add_argument("--gpu-suite", action="store_true", help="GPU readiness checks, timings and capacity")
     args = parser.parse_args(rest)
     cfg, _ = config.parse_overrides(config.preset(args.preset), argv)
+    config.validate(cfg)
+    args.device = str(config.pick_device(args.device))
     return args, cfg
 
 
@@ -561,7 +563,8 @@ def main(argv=None) -> int | None:
     try:
         args, cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except config.ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.gpu_suite:
         return run_gpu_suite(args)
     if args.device == "cpu":

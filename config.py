@@ -6,12 +6,24 @@
 
 Configs are plain data: `to_dict(cfg)` goes into checkpoints and JSON, `from_dict(d)` rebuilds it.
 Unknown keys are rejected with the valid names listed, both from the command line and from a dict.
+`validate(cfg)` checks every field's type, range and choices and the rules between fields in one pass:
+scripts call it before they write anything.
+
+Also what every script shares below the model and data layers (this is the ground floor): the one way
+files are written (`atomic_path`, `write_atomic`: temp file beside the target, then rename), the one
+device choice (`pick_device`), and the output-folder check (`check_writable`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
+import math
+import os
+import re
+import tempfile
 import typing
 from dataclasses import dataclass, field
 
@@ -36,15 +48,19 @@ class ModelConfig:
     # "neuron" is a per-neuron factorised readout (order-consistent; pairs with "set", see pnba.py)
     neural_readout: str = "resize"
     readout_channels: int = 16        # "neuron": shared feature channels each neuron reads
+    latent_readout: bool = False      # "neuron": each neuron also reads the latent of its frame linearly
+    readout_bias_init: str = "zero"   # "neuron": "zero" | "mean" (each neuron starts at its mean rate)
     base_channel: int = 64            # VQGAN-style encoder width (the neural decoder is twice as wide)
     ch_mult: tuple[int, ...] = (1, 2, 2, 4)  # channels per encoder level (x4 fewer neurons per level)
     num_res_blocks: int = 1           # residual blocks per encoder/decoder level
     dropout: float = 0.0              # dropout in encoder/decoder residual blocks
     z_channels: int = 8               # latent channels C; latent is (B, C, n, T)
+    mean_norm: str = "none"           # "none" (published) | "batch": BatchNorm of mu_x, mu_y (BN-VAE)
     video_features: tuple[int, ...] = (32, 64, 128, 8) # video encoder channels per level (last = z_channels)
     video_blocks: tuple[int, ...] = (4, 3, 2, 1) # 3-D residual blocks per video level
     temporal_kernel: int = 5          # temporal kernel of the video 3-D convs
     video_to_neural: str = "pool"     # "nearest" (published) | "pool"
+    video_attention_residual: bool = False  # add the input back around the video attention (published: no)
     checkpointing: bool = False       # recompute the full-resolution stages in backward (less memory)
     kernels: str = "auto"             # "auto" (Triton on CUDA) | "triton" | "torch"
     # loss weights (published: all 1)
@@ -55,6 +71,7 @@ class ModelConfig:
     w_kl_fusion: float = 1.0          # KL(q_p||q_x) + KL(q_p||q_y)
     w_kl_cross: float = 1.0           # KL(q_x||q_y) + KL(q_y||q_x)
     w_match: float = 1.0              # probabilistic matching BCE
+    w_kl_prior: float = 0.0           # KL(x||N(0,I)) + KL(y||N(0,I)) (not published)
     match_scale_init: float = 1.0     # initial a of the matching logits -a d + b (published 1)
 
 
@@ -83,6 +100,8 @@ class OptimConfig:
     grad_clip: float = 0.0            # max global grad norm; 0 disables clipping
     max_nonfinite: int = 5            # abort after this many non-finite losses in a row
     align_warmup_iters: int = 0       # ramp KL and matching weights from 0 to 1 over these steps
+    stable_fraction: float = 0.0      # fraction of the post-warm-up steps held at lr before the cosine
+    readout_lr_scale: float = 1.0     # lr multiplier of the per-animal readout parameters
 
 
 @dataclass
@@ -120,15 +139,39 @@ def _demo() -> Config:
     m.proj_neurons, m.set_slots, m.proj_channels, m.set_token_dim = 64, 64, 32, 32
     m.base_channel, m.ch_mult = 16, (1, 2, 4)            # 3 levels: latent (B, 8, 4, T) as in the paper
     m.video_features, m.video_blocks, m.temporal_kernel = (4, 8, 16, 8), (1, 1, 1, 1), 3
-    # half-resolution video and batch 8: the full-resolution 3-D convs set a floor of ~2 s/step on CPU
-    cfg.data.batch_size, cfg.data.num_workers, cfg.data.height, cfg.data.width = 8, 2, 16, 32
+    # half-resolution video and batch 8: the full-resolution 3-D convs set a floor of ~2 s/step on CPU;
+    # no loader workers: a batch loads in ~6 ms, and on 2 cores workers only take CPU from the model
+    cfg.data.batch_size, cfg.data.num_workers, cfg.data.height, cfg.data.width = 8, 0, 16, 32
     cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs, cfg.optim.min_lr = 1e-3, 50, 9, 1e-5
-    # against collapse (README "Collapse"): logits of the matching loss start in BCE's working range
-    # (a = 1/D for D = 8*4*16 latent dimensions), and the alignment terms ramp in after the
-    # reconstruction terms have made the latents informative
-    m.match_scale_init = 1 / 512
-    cfg.optim.align_warmup_iters = 150
+    _learning_objective(cfg)
+    # what makes the generative path learn within the budget (README "Objective"): every neuron starts
+    # at its mean rate and reads the latent of its frame linearly, and its readout moves 10x faster
+    m.readout_bias_init, m.latent_readout, cfg.optim.readout_lr_scale = "mean", True, 10.0
     cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 10, 3, 9
+    return cfg
+
+
+def _learning_objective(cfg: Config) -> None:
+    """The changes to the published objective that apply to any architecture (README "Objective")."""
+    m = cfg.model
+    latent = m.z_channels * (m.proj_neurons // 4 ** (len(m.ch_mult) - 1)) * cfg.data.frames
+    # the matching logits -a d + b start in BCE's working range (a = 1/D, D latent dimensions), and the
+    # alignment terms ramp in after the reconstruction terms have made the latents informative
+    cfg.model.match_scale_init = 1 / latent
+    cfg.optim.align_warmup_iters = max(cfg.optim.align_warmup_iters, 3 * cfg.optim.warmup_iters)
+    # BN-VAE means: no trial-independent template, trial differences on the variances' scale
+    cfg.model.mean_norm = "batch"
+    # the published video attention has no residual path: at initialisation it averages every position
+    # and frame, so the stimulus encoder's output starts the same for every video
+    cfg.model.video_attention_residual = True
+    # the lr stays at its peak for half of the run before the cosine decay
+    cfg.optim.stable_fraction = 0.5
+
+
+def _recommended() -> Config:
+    """The published architecture (`paper`) with the objective that learns (README "Objective")."""
+    cfg = _paper()
+    _learning_objective(cfg)
     return cfg
 
 
@@ -146,7 +189,7 @@ def _tiny() -> Config:
     return cfg
 
 
-PRESETS = {"paper": _paper, "demo": _demo, "tiny": _tiny}
+PRESETS = {"paper": _paper, "recommended": _recommended, "demo": _demo, "tiny": _tiny}
 
 
 def preset(name: str) -> Config:
@@ -212,10 +255,11 @@ def set_key(cfg: Config, key: str, value) -> None:
     setattr(getattr(cfg, section), name, _convert(value, _field_type(section, name), key))
 
 
-def parse_overrides(cfg: Config, argv: list[str]) -> tuple[Config, list[str]]:
+def parse_overrides(cfg: Config, argv: list[str], allowed=None) -> tuple[Config, list[str]]:
     """Apply every `--section.field value` (or `--section.field=value`) in argv to cfg.
 
-    Returns the config and the arguments that are not config keys, for the script's own parser.
+    Returns the config and the arguments that are not config keys, for the script's own parser. allowed:
+    the keys that apply to the script (default: all); another valid key is a ConfigError naming them.
     """
     sections = tuple(_sections())
     rest: list[str] = []
@@ -230,6 +274,9 @@ def parse_overrides(cfg: Config, argv: list[str]) -> tuple[Config, list[str]]:
                     raise ConfigError(f"--{key} needs a value")
                 value = argv[i + 1]
                 i += 1
+            if allowed is not None and key in valid_keys() and key not in allowed:
+                raise ConfigError(f"--{key} does not apply to this script; keys that apply: "
+                                  f"{', '.join('--' + k for k in allowed) or 'none'}")
             set_key(cfg, key, value)
         else:
             rest.append(arg)
@@ -252,3 +299,213 @@ def describe(cfg: Config) -> str:
     """Human-readable `section.field = value` lines (for logs and the README reference)."""
     d = to_dict(cfg)
     return "\n".join(f"{s}.{k} = {v}" for s, vals in d.items() for k, v in vals.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: one pass over every field (type, range, choices) and the rules between fields, before a
+# script writes anything. The model checks its section here too (pnba._check_model_config).
+# ---------------------------------------------------------------------------------------------
+
+CHOICES = {
+    "model.neural_projector": ("conv", "set"),
+    "model.neural_readout": ("resize", "neuron"),
+    "model.readout_bias_init": ("zero", "mean"),
+    "model.mean_norm": ("none", "batch", "stimulus"),
+    "model.video_to_neural": ("nearest", "pool"),
+    "model.kernels": ("auto", "triton", "torch"),
+    "data.synth_preset": ("tiny", "demo"),           # data.SYNTH_PRESETS (a test keeps the two equal)
+    "run.device": ("auto", "cpu", "cuda"),           # and cuda:<index>
+}
+_AT_LEAST_0, _AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+_POSITIVE, _FRACTION = (lambda v: v > 0, "> 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES = {   # every number not listed here must be >= 0; tuples: every element
+    **dict.fromkeys(["model.proj_neurons", "model.proj_channels", "model.set_slots", "model.set_heads",
+                     "model.set_token_dim", "model.readout_channels", "model.base_channel", "model.ch_mult",
+                     "model.z_channels", "model.video_features", "model.temporal_kernel", "data.frames",
+                     "data.batch_size", "data.height", "data.width", "optim.epochs", "optim.max_nonfinite",
+                     "run.log_every"], _AT_LEAST_1),
+    **dict.fromkeys(["model.proj_dropout", "model.dropout", "optim.betas", "optim.stable_fraction"],
+                    _FRACTION),
+    **dict.fromkeys(["model.match_scale_init", "optim.lr", "optim.readout_lr_scale"], _POSITIVE),
+    "optim.warmup_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def _type_problem(key: str, value, typ) -> str | None:
+    if typing.get_origin(typ) is tuple:
+        if not isinstance(value, tuple):
+            return f"{key} is {value!r} ({type(value).__name__}); must be a tuple"
+        args = typing.get_args(typ)
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            return f"{key} is {value!r}; must have {len(args)} entries"
+        if args[-1] is Ellipsis and key.startswith("model.") and not value:
+            return f"{key} is empty; must have at least one entry"
+        return next(filter(None, (_type_problem(key, v, args[0]) for v in value)), None)
+    ok = (isinstance(value, typ) and not (typ is int and isinstance(value, bool))) or \
+        (typ is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        return f"{key} is {value!r} ({type(value).__name__}); must be {typ.__name__}"
+    if typ is float and not math.isfinite(value):
+        return f"{key} is {value!r}; must be finite"
+    return None
+
+
+def _field_problems(cfg, section: str):
+    """Type, range and choice of every field of one section, in declaration order."""
+    part = getattr(cfg, section)
+    for f in dataclasses.fields(part):
+        key, value, typ = f"{section}.{f.name}", getattr(part, f.name), _field_type(section, f.name)
+        problem = _type_problem(key, value, typ)
+        if problem:
+            yield problem
+            continue
+        if key in CHOICES:
+            valid = CHOICES[key]
+            if value not in valid and not (key == "run.device" and re.fullmatch(r"cuda:\d+", value)):
+                yield f"{key} is {value!r}; valid: {', '.join(valid)}"
+            continue
+        if typ is bool or typ is str or typing.get_args(typ)[:1] == (str,):
+            continue
+        test, text = RANGES.get(key, _AT_LEAST_0)
+        for v in value if isinstance(value, tuple) else (value,):
+            if not test(v):
+                yield f"{key} is {value!r}; must be {text}"
+                break
+
+
+def _model_rules(m: ModelConfig):
+    """What the architecture can be built with (fields already of the right type and range)."""
+    shrink = 4 ** (len(m.ch_mult) - 1)
+    rules = [
+        (not m.latent_readout or m.neural_readout == "neuron",
+         'model.latent_readout needs model.neural_readout "neuron"'),
+        (m.readout_bias_init == "zero" or m.neural_readout == "neuron",
+         'model.readout_bias_init "mean" needs model.neural_readout "neuron" (the only per-neuron bias)'),
+        (m.proj_neurons % shrink == 0,
+         f"model.proj_neurons must be divisible by 4^(len(ch_mult) - 1) = {shrink}"),
+        (m.neural_projector != "set" or m.set_slots == m.proj_neurons,
+         "model.set_slots must equal model.proj_neurons"),
+        (m.neural_projector != "set" or m.set_token_dim % m.set_heads == 0,
+         "model.set_token_dim must be divisible by model.set_heads"),
+        (m.video_features[-1] == m.z_channels, "model.video_features must end with z_channels"),
+        (len(m.video_features) == len(m.video_blocks) and min(m.video_blocks[1:], default=1) >= 1,
+         "model.video_blocks must have one entry per video level, each past the first at least 1"),
+        (m.temporal_kernel % 2 == 1,
+         f"model.temporal_kernel is {m.temporal_kernel}; must be odd (the convs keep the frame count)"),
+    ]
+    return [message for ok, message in rules if not ok]
+
+
+def validate_model(m: ModelConfig) -> None:
+    """ConfigError (a ValueError) with one line naming the first model setting that cannot be built."""
+    problems = list(_field_problems(Config(model=m), "model"))
+    problems = problems or _model_rules(m)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def validate(cfg: Config) -> Config:
+    """Every field and every rule between fields, in one pass; ConfigError with one line naming the first
+    problem. Returns cfg."""
+    problems = [p for section in _sections() for p in _field_problems(cfg, section)]
+    if not problems:
+        problems = _model_rules(cfg.model)
+        levels = 2 ** (len(cfg.model.video_features) - 1)
+        if cfg.data.height % levels or cfg.data.width % levels:
+            problems.append(f"data.height and data.width ({cfg.data.height}x{cfg.data.width}) must be "
+                            f"divisible by 2^(len(model.video_features) - 1) = {levels}")
+        if cfg.model.mean_norm != "none" and cfg.data.batch_size < 2:
+            problems.append('model.mean_norm "batch" normalises over the batch: data.batch_size must be >= 2')
+    if problems:
+        raise ConfigError(problems[0])
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and devices: one code path for every script
+# ---------------------------------------------------------------------------------------------
+
+_TEMP = re.compile(r"\.tmp(\d+)$")     # <target>.tmp<pid>: what atomic_path writes before the rename
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """The one way files are written: yields `<path>.tmp<pid>` to write; on a clean exit it is renamed over
+    path (readers never see half a file), on an error it is removed. A kill leaves it behind, so a dead
+    writer's temp files of the same target are removed first (and see remove_stale_temps)."""
+    path = os.fspath(path)
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_atomic(path, content: bytes | str) -> None:
+    """Write bytes or text to path through atomic_path."""
+    with atomic_path(path) as tmp, open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True          # someone else's live process
+    return True
+
+
+def remove_stale_temps(folder, target: str = "*") -> list[str]:
+    """Remove the temp files (`<target>.tmp<pid>`) that writers killed mid-write left in folder; a live
+    process's are left alone (it may be writing). Returns the removed paths."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), glob.escape(target) + ".tmp*")):
+        m = _TEMP.search(path)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
+def check_writable(folder) -> None:
+    """ConfigError unless files can be created in folder (made later if missing): checked before the work
+    starts by creating and removing a file in it, or in its nearest existing parent (permission bits do
+    not tell: root, read-only mounts, ACLs)."""
+    folder = os.path.abspath(os.fspath(folder))
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{folder}: cannot write there ({probe} is a file, not a folder)")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ConfigError(f"{folder}: cannot write there ({e.strerror or type(e).__name__})") from None
+
+
+def pick_device(choice: str = "auto", ddp_device=None):
+    """The one device choice (run.device, extract.py and bench.py --device): torchrun's device if given;
+    "auto" is CUDA when available, else CPU; "cuda" or "cuda:<i>" without CUDA is a ConfigError."""
+    import torch  # here, so that config stays importable (and fast) without torch
+
+    if ddp_device is not None:
+        return ddp_device
+    valid = ", ".join(CHOICES["run.device"])
+    if choice not in CHOICES["run.device"] and not re.fullmatch(r"cuda:\d+", str(choice)):
+        raise ConfigError(f"run.device is {choice!r}; valid: {valid}, cuda:<index>")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is {choice!r}, but no CUDA device is available "
+                          "(torch.cuda.is_available() is False); use cpu or auto")
+    if choice.startswith("cuda:") and int(choice[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"run.device is {choice!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return torch.device(choice)

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
+import config
+
 
 class DataError(Exception):
     """Bad input: the message is one line naming the file and what is wrong with it."""
@@ -64,35 +66,26 @@ class TrialRep:
 
 
 def write_representations(path: str, trials: list[TrialRep], attrs: dict) -> None:
-    """Write trials to HDF5 at `path` atomically (temp file in the same folder, then rename).
+    """Write trials to HDF5 at `path` atomically (config.atomic_path: temp file beside it, then rename).
 
     attrs: file attributes (e.g. checkpoint digest, config as a JSON string); non-str values are
     stored as JSON strings.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".reps-", suffix=".h5.tmp", dir=folder)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = REPS_FORMAT
-            f.attrs["version"] = REPS_VERSION
-            for k, v in attrs.items():
-                f.attrs[k] = v if isinstance(v, str) else json.dumps(v)
-            for t in trials:
-                mouse = f.require_group(t.mouse)
-                mouse.attrs["heldout"] = bool(t.heldout)
-                g = mouse.require_group(t.tier).create_group(str(t.trial))
-                g.attrs["stimulus"] = int(t.stimulus)
-                g.attrs["valid_frames"] = int(t.valid_frames)
-                for name in REPS_ARRAYS:
-                    if t.arrays.get(name) is not None:
-                        g.create_dataset(name, data=np.asarray(t.arrays[name], dtype=np.float32))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with config.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = REPS_FORMAT
+        f.attrs["version"] = REPS_VERSION
+        for k, v in attrs.items():
+            f.attrs[k] = v if isinstance(v, str) else json.dumps(v)
+        for t in trials:
+            mouse = f.require_group(t.mouse)
+            mouse.attrs["heldout"] = bool(t.heldout)
+            g = mouse.require_group(t.tier).create_group(str(t.trial))
+            g.attrs["stimulus"] = int(t.stimulus)
+            g.attrs["valid_frames"] = int(t.valid_frames)
+            for name in REPS_ARRAYS:
+                if t.arrays.get(name) is not None:
+                    g.create_dataset(name, data=np.asarray(t.arrays[name], dtype=np.float32))
 
 
 def read_representations(path: str) -> tuple[list[TrialRep], dict]:
@@ -135,17 +128,33 @@ def _load(path: str, mmap: bool = True) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
+        # numpy reads a file without the .npy magic as a pickle and says allow_pickle=True would load it:
+        # advice never to follow for a damaged file
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise DataError(f"{path}: unreadable .npy (no .npy header: damaged, or another format)") \
+                    from None
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path}: holds Python objects (an object array); only numeric .npy arrays are "
+                            "read, never pickles") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: unreadable .npy ({reason})") from None
 
 
-def _valid_length(trace: np.ndarray, path: str) -> int:
-    """Frames before the NaN padding of a (T_pad,) trace; a NaN with numbers after it is a hole: DataError."""
-    nan = np.isnan(trace)
-    t = int(nan.argmax()) if nan.any() else len(trace)
-    if not nan[t:].all():
-        raise DataError(f"{path}: NaN at frame {t} inside the valid window (finite values follow it)")
-    return t
+def _valid_length(a: np.ndarray, path: str, axes: tuple[str, ...]) -> int:
+    """Frames before the NaN padding of an (..., T_pad) array, looking at every element (every neuron, every
+    pixel): the padding is the frames after the last one holding a number. A NaN before that is a hole, not
+    padding: DataError naming its frame and element (axes: names of the leading axes, for the message)."""
+    nan = np.isnan(np.asarray(a)).reshape(-1, a.shape[-1])               # (elements, T_pad)
+    numbers = np.flatnonzero(~nan.all(0))
+    valid = int(numbers[-1]) + 1 if len(numbers) else 0
+    holes = nan[:, :valid]
+    if holes.any():
+        t = int(np.flatnonzero(holes.any(0))[0])
+        where = np.unravel_index(int(np.flatnonzero(holes[:, t])[0]), a.shape[:-1])
+        element = ", ".join(f"{name} {int(k)}" for name, k in zip(axes, where, strict=True))
+        raise DataError(f"{path}: NaN at frame {t} ({element}) inside the valid window (numbers follow it)")
+    return valid
 
 
 def response_precision(std: np.ndarray, floor: float = 0.01) -> np.ndarray:
@@ -160,8 +169,15 @@ def _is_mouse(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "meta", "trials", "tiers.npy"))
 
 
+def _looks_like_mouse(path: str) -> bool:
+    """A folder with a mouse's data: a mouse folder, or one that lost its tiers.npy."""
+    return any(os.path.isdir(os.path.join(path, "data", key)) for key in ("videos", "responses"))
+
+
 def find_mice(paths: list[str]) -> list[str]:
-    """Sorted mouse folders from paths that are mouse folders or folders holding mouse folders."""
+    """Sorted mouse folders from paths that are mouse folders or folders holding mouse folders. A folder
+    beside them with a mouse's data but no meta/trials/tiers.npy is an error, not skipped: a run would
+    otherwise go on with fewer animals than the user gave it."""
     found = []
     for p in paths:
         p = os.path.normpath(p)
@@ -170,6 +186,11 @@ def find_mice(paths: list[str]) -> list[str]:
         if _is_mouse(p):
             found.append(p)
             continue
+        for d in sorted(os.listdir(p)):
+            sub = os.path.join(p, d)
+            if not _is_mouse(sub) and _looks_like_mouse(sub):
+                raise DataError(f"{os.path.join(sub, 'meta', 'trials', 'tiers.npy')}: missing, but {sub} "
+                                "holds a mouse's data/ (restore the file, or move the folder out)")
         subs = [os.path.join(p, d) for d in sorted(os.listdir(p)) if _is_mouse(os.path.join(p, d))]
         if not subs:
             raise DataError(f"{p}: not a Sensorium mouse folder (no meta/trials/tiers.npy) and holds none")
@@ -216,6 +237,15 @@ class Mouse:
         if not np.isfinite(np.nanmean(std)) or np.nanmean(std) <= 0:
             raise DataError(f"{std_file}: no positive finite std")
         self.precision = response_precision(std.reshape(self.n_neurons, -1), std_floor)  # (N, 1) | (N, T_pad)
+        mean_file = self._file("meta/statistics/responses/all/mean.npy")
+        self.mean_rate = None                  # (N,) normalised mean response over the train tier, if known
+        if os.path.isfile(mean_file):
+            mean = np.asarray(_load(mean_file, mmap=False), dtype=np.float64)
+            if mean.size not in (self.n_neurons, self.precision.size) or len(mean) != self.n_neurons:
+                raise DataError(f"{mean_file}: shape {mean.shape}, expected (N,), (N, 1) or the shape of "
+                                f"std.npy beside it {std.shape}")
+            normalised = mean.reshape(self.n_neurons, -1) * self.precision
+            self.mean_rate = np.nan_to_num(np.nanmean(normalised, axis=1)).astype(np.float32)
 
         coords_file = self._file("meta/neurons/cell_motor_coordinates.npy")
         self.coords = None
@@ -236,11 +266,12 @@ class Mouse:
         self._shapes: dict[str, tuple] = {}
         video_shape = self._sibling_shape("videos")
         if len(video_shape) != 3:
-            raise DataError(f"{self._file(f'data/videos/{self._trials[0]}.npy')}: shape {video_shape}, "
+            raise DataError(f"{self._file('data/videos')}: the trials' arrays have shape {video_shape}, "
                             "expected (height, width, frames)")
         self.t_pad = video_shape[-1]
         self._shapes["responses"] = (self.n_neurons, self.t_pad)
-        self._array("responses", self._trials[0])
+        for key in ("videos", "responses"):
+            self._array(key, self._trials[0])
         if 1 < self.precision.shape[1] < self.t_pad:
             raise DataError(f"{std_file}: statistics for {self.precision.shape[1]} frames, but trials have "
                             f"{self.t_pad}")
@@ -254,9 +285,11 @@ class Mouse:
         return os.path.join(self.path, rel)
 
     def _sibling_shape(self, key: str) -> tuple:
-        """The shape every data/<key> array of this mouse must have: that of the first trial."""
+        """The shape every data/<key> array of this mouse must have: the one most of its first three trials
+        have (headers only), so that one bad file among them is reported as itself, not its siblings."""
         if key not in self._shapes:
-            self._shapes[key] = _load(self._file(f"data/{key}/{self._trials[0]}.npy")).shape
+            shapes = [_load(self._file(f"data/{key}/{i}.npy")).shape for i in self._trials[:3]]
+            self._shapes[key] = max(shapes, key=shapes.count)
         return self._shapes[key]
 
     def _array(self, key: str, i: int) -> np.ndarray:
@@ -290,11 +323,12 @@ class Mouse:
 
     def valid_frames(self, i: int) -> int:
         """Frames before the NaN padding: the minimum over videos and responses, as the reference CutVideos.
-        Read from one pixel's and one neuron's trace; the NaN check of the whole window is done on load."""
+        Every neuron and pixel is read once (then cached): a NaN inside the valid window of any of them is a
+        DataError naming it, never a shorter trial or a failure at some later training step."""
         i = int(i)
         if i not in self._valid:
-            lengths = [_valid_length(self._array(key, i)[(0,) * (nd - 1)], self._file(f"data/{key}/{i}.npy"))
-                       for key, nd in (("videos", 3), ("responses", 2))]
+            lengths = [_valid_length(self._array(key, i), self._file(f"data/{key}/{i}.npy"), axes)
+                       for key, axes in (("videos", ("row", "column")), ("responses", ("neuron",)))]
             if min(lengths) == 0:
                 raise DataError(f"{self._file(f'data/videos/{i}.npy')}: no valid frames (NaN from frame 0)")
             self._valid[i] = min(lengths)
@@ -349,6 +383,30 @@ class Mouse:
 def open_mice(paths: list[str], std_floor: float = 0.01, height: int = 32, width: int = 64) -> list[Mouse]:
     """Mouse objects for every mouse folder found under paths (see find_mice)."""
     return [Mouse(p, std_floor, height, width) for p in find_mice(paths)]
+
+
+def mice_from_config(data_cfg, paths=None) -> list[Mouse]:
+    """The mice of `paths` (default: data_cfg.paths) opened as a run's config.DataConfig says: response
+    floor and video size. Every script opens its data here, so that what the model was trained on and
+    what it is evaluated on cannot drift apart."""
+    return open_mice(list(paths or data_cfg.paths), data_cfg.std_floor, data_cfg.height, data_cfg.width)
+
+
+def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: int) -> None:
+    """What a training run reads, checked when it starts, before it writes anything (a fault found at step
+    6 would leave half a run): every training animal has train-tier trials with responses (otherwise its
+    untrained readout would be scored as a trained one), and every train and oracle trial of every animal
+    reads with no NaN inside its valid window (all neurons, all pixels); train trials hold a window."""
+    for m in train_mice:
+        if not len(m.trials(["train"], hidden=False)):
+            raise DataError(f"{m._file('meta/trials/tiers.npy')}: no train-tier trials with responses, so "
+                            f"{m.name} cannot be trained on; hold it out (--holdout {m.name})")
+    for m in train_mice + heldout_mice:
+        for i in m.trials(["train", "oracle"], hidden=False):
+            T = m.valid_frames(int(i))
+            if T < frames and m in train_mice and m.tiers[i] == "train":
+                raise DataError(f"{m._file(f'data/videos/{i}.npy')}: {T} valid frames, fewer than the "
+                                f"{frames}-frame training window (--data.frames)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +521,8 @@ THUMB_FRAMES = 8           # frames averaged per thumbnail time step
 HASH_STEP = 4.0            # grey levels per hash bucket; two ±1-jittered copies differ by <= 2 < HASH_STEP,
                            # so probing the neighbouring buckets never misses a copy
 SAME_CORR = 0.999          # Pearson r of two thumbnails above which the videos are the same
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+KEY_BLOCKS, KEY_BLOCK_BYTES = 16, 4096   # strided sample of each video file in the cache key
 _NEIGHBOURS = np.array(list(itertools.product((-1, 0, 1), repeat=4)))
 
 
@@ -478,11 +537,21 @@ def _thumbnail(video: np.ndarray) -> np.ndarray:
 
 
 def _files_key(mouse: Mouse) -> str:
-    """Digest of the sizes and modification times of tiers.npy and every video: the cache's validity."""
+    """The cache's validity, keyed on content, not on sizes and times: a digest of tiers.npy and of a
+    strided sample of every video file (its size and 16 blocks of 4 KiB at offsets k * size / 16, the first
+    holding the header). A change to any run of bytes longer than 1/16 of a file meets a sampled block, and
+    another video differs everywhere, so a video replaced by one of the same size and time is seen; a copy
+    of the data keeps its cache. Cost: 64 KiB read per video (2% of a Sensorium video), not the video."""
     h = hashlib.sha1(f"v{CACHE_VERSION} {THUMB_GRID} {THUMB_FRAMES}".encode())
-    for rel in ["meta/trials/tiers.npy"] + [f"data/videos/{i}.npy" for i in mouse.trials()]:
-        st = os.stat(mouse._file(rel))
-        h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns};".encode())
+    with open(mouse._file("meta/trials/tiers.npy"), "rb") as f:
+        h.update(f.read())
+    for i in mouse.trials():
+        with open(mouse._file(f"data/videos/{i}.npy"), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f"{i}:{size};".encode())
+            for k in range(KEY_BLOCKS):
+                f.seek(k * size // KEY_BLOCKS)
+                h.update(f.read(KEY_BLOCK_BYTES))
     return h.hexdigest()
 
 
@@ -508,9 +577,12 @@ def _video_thumbnails(mouse: Mouse) -> dict[str, np.ndarray]:
     frames, thumbs = [], []
     for i in tqdm(mouse.trials(), desc=f"hashing videos of {mouse.name}", leave=False, disable=None):
         path = mouse._file(f"data/videos/{i}.npy")
-        T = _valid_length(mouse._array("videos", i)[0, 0], path)      # the video alone defines identity
+        video = np.array(mouse._array("videos", i), dtype=np.float32)
+        T = _valid_length(video, path, ("row", "column"))                # the video alone defines identity
+        if T == 0:
+            raise DataError(f"{path}: no valid frames (NaN from frame 0)")
         frames.append(T)
-        thumbs.append(_thumbnail(mouse._finite("videos", i, 0, T)))
+        thumbs.append(_thumbnail(video[..., :T]))
     arrays = {"key": np.array(key), "trials": mouse.trials(), "frames": np.array(frames, dtype=np.int64),
               "steps": np.array([len(t) for t in thumbs], dtype=np.int64),
               "thumbs": np.concatenate(thumbs).astype(np.float16)}
@@ -597,19 +669,12 @@ def repeats(groups: dict[tuple[str, int], int], mouse) -> list[list[int]]:
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Uncompressed .npz with fixed zip timestamps (np.savez stamps the current time: same data, other
-    bytes), written to a temp file and renamed so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w") as z:
-            for name, a in arrays.items():
-                with z.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
-                            force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    bytes), written through config.atomic_path so readers never see half a file."""
+    with config.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as z:
+        for name, a in arrays.items():
+            with z.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                        force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(a), allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
     python extract.py --ckpt runs/RUN/last.pt                       # the run's own data -> runs/RUN/reps.h5
     python extract.py --ckpt runs/RUN/last.pt --data /data/new_mice --out new.h5   # zero-shot, new animals
     python extract.py --ckpt runs/RUN/last.pt --tiers train,oracle --device cuda
+    python extract.py --ckpt runs/RUN/last.pt --data.height 16     # config keys: how the data are read
+
+The config is the checkpoint's; the keys that say how data are read and where the model runs can be
+overridden (EXTRACT_KEYS); the others are fixed by the weights. The output folder is checked writable
+before the work starts.
 
 Every trial that has responses (train, oracle and test tiers whose responses are real; hidden test
 tiers are skipped) is encoded with means, no sampling, in consecutive windows of the training length.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +32,9 @@ from tqdm import tqdm
 import config
 import data
 import pnba
+
+# the keys that apply to extraction: which data, read how, and the device; the weights fix the rest
+EXTRACT_KEYS = ("data.paths", "data.std_floor", "data.height", "data.width", "run.device")
 
 
 def file_digest(path: str) -> str:
@@ -55,17 +64,29 @@ def encode_trial(model, mouse, trial: int, frames: int, device) -> dict:
     return out
 
 
-def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="auto") -> str:
+def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="auto", overrides=()) -> str:
+    """overrides: `--section.field value` arguments, of EXTRACT_KEYS only."""
     ckpt = pnba.load_checkpoint(ckpt_path)
-    cfg = config.from_dict(ckpt["config"])
-    paths = list(data_paths or cfg.data.paths)
+    try:
+        cfg = config.validate(config.from_dict(ckpt["config"]))
+    except config.ConfigError as e:
+        raise pnba.CheckpointError(f"{ckpt_path}: its config does not hold: {e}") from None
+    cfg.run.device = device                     # the training machine's device says nothing about this one
+    cfg, unknown = config.parse_overrides(cfg, list(overrides), allowed=EXTRACT_KEYS)
+    if unknown:
+        raise config.ConfigError(f"unknown arguments {' '.join(unknown)}")
+    cfg.data.paths = tuple(data_paths or cfg.data.paths)
+    config.validate(cfg)
+    dev = config.pick_device(cfg.run.device)
+    out_path = out_path or str(Path(ckpt_path).with_name("reps.h5"))
+    config.check_writable(os.path.dirname(os.path.abspath(out_path)))
+    paths = list(cfg.data.paths)
     if not paths:
         raise data.DataError(f"{ckpt_path}: the checkpoint names no data folders; pass --data")
-    mice = [data.Mouse(p, std_floor=cfg.data.std_floor) for p in data.find_mice(paths)]
+    mice = data.mice_from_config(cfg.data)
     pnba.check_mice(ckpt, {m.name: m.n_neurons for m in mice}, source=ckpt_path)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model = pnba.PNBA(cfg.model, ckpt["neuron_counts"])
-    model.load_state_dict(ckpt["model"])
+    pnba.load_weights(model, ckpt, ckpt_path)
     model.to(dev).eval()
 
     groups = data.stimulus_groups(mice)
@@ -87,12 +108,11 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
         reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1),
                                   m.valid_frames(i), m.name not in ckpt["neuron_counts"], arrays))
     rate = len(jobs) / (time.time() - t0)
-    out_path = out_path or str(Path(ckpt_path).with_name("reps.h5"))
     data.write_representations(out_path, reps, {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "checkpoint_sha256": file_digest(ckpt_path),
         "step": int(ckpt.get("step", 0)),
-        "config": json.dumps(ckpt["config"]),
+        "config": json.dumps(config.to_dict(cfg)),        # the checkpoint's, with the overrides applied
     })
     print(f"wrote {out_path}: {len(reps)} trials of {len(mice)} animals ({rate:.1f} trials/s)")
     return out_path
@@ -104,11 +124,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", nargs="+", default=None, help="mouse folders (default: the run's own)")
     p.add_argument("--out", default=None, help="output HDF5 (default: reps.h5 beside the checkpoint)")
     p.add_argument("--tiers", default=None, help="comma-separated tiers (default: every tier with responses)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i> (same as --run.device)")
+    args, rest = p.parse_known_args(argv)
     tiers = [t for t in args.tiers.split(",") if t] if args.tiers else None
     try:
-        extract(args.ckpt, args.data, args.out, tiers, args.device)
+        extract(args.ckpt, args.data, args.out, tiers, args.device, rest)
     except (data.DataError, pnba.CheckpointError, config.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
