@@ -52,7 +52,6 @@ Weights of the published model (github zhuyu-cs/PNBA) load with `convert_referen
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import NamedTuple
 
@@ -61,10 +60,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import config
 from config import ModelConfig
 from kernels import fuse_sample_kl, match_loss, poe
 
 POISSON_EPS = 1e-8  # as published: keeps log(rate) finite where ELU + 1 underflows to 0
+# parameters that belong to one animal (the "neuron" readout): they see a gradient only on its steps
+PER_ANIMAL_PARAMETERS = ("neural_readout.spatial.", "neural_readout.weight.", "neural_readout.bias.",
+                         "neural_readout.latent.")
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -80,6 +83,12 @@ def poisson_floor(target):
     """Poisson NLL of predicting each neuron's mean over the batch's (B, T): what a model that ignores its
     input reaches. A Poisson loss stuck at this floor means collapse. target (B, T, N) -> scalar."""
     return poisson_nll(target.mean(dim=(0, 1), keepdim=True).expand_as(target), target)
+
+
+def standard_normal_kl(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the latent: (B, D) each -> (B,). Without it nothing
+    ties the latent's offset or scale down, and a trial-independent template can dominate it."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
 def squared_error(prediction, target):
@@ -429,6 +438,9 @@ class NeuronReadout(nn.Module):
 
     Shared: GN, LeakyReLU, 1x1 conv to r = readout_channels features g (B, r, S, T). Neuron i of animal
     m: rate = ELU(sum_{c,s} weight[m][i, c] * spatial[m][i, s] * g[c, s, t] + bias[m][i]) + 1.
+    With latent_readout, the drive also holds sum_k latent[m][k, i] * z[k, t], a linear read of the frame's
+    latent (C * n numbers): a direct path from the latent to every neuron, so that the latent has to carry
+    what the neurons respond to and the deep decoder only adds what is not linear (README "Objective").
     """
 
     def __init__(self, cfg: ModelConfig, neuron_counts: dict[str, int]):
@@ -441,11 +453,25 @@ class NeuronReadout(nn.Module):
         self.weight = nn.ParameterDict({m: nn.Parameter(torch.randn(n, r) / math.sqrt(r))
                                         for m, n in neuron_counts.items()})
         self.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(n)) for m, n in neuron_counts.items()})
+        if cfg.latent_readout:
+            latent = cfg.z_channels * (cfg.proj_neurons // 4 ** (len(cfg.ch_mult) - 1))
+            self.latent = nn.ParameterDict({m: nn.Parameter(torch.zeros(latent, n))
+                                            for m, n in neuron_counts.items()})
 
-    def forward(self, h, mouse, neurons):
+    @torch.no_grad()
+    def init_bias(self, mouse, mean_rate):
+        """Start neuron i of `mouse` at its own mean rate (N,): bias = (ELU + 1)^-1(mean). With a zero bias
+        every neuron starts at rate 1, and Adam moves a bias by about lr per step (a quarter of the steps
+        with four animals), so a neuron whose mean is 0.01 would need a drive of -4.6 it never reaches."""
+        rate = torch.as_tensor(mean_rate, dtype=torch.float32).clamp_min(1e-3)
+        self.bias[mouse].copy_(torch.where(rate >= 1, rate - 1, rate.log()))
+
+    def forward(self, h, mouse, neurons, z=None):
         g = self.features(F.leaky_relu(self.norm(h)))                    # (B, r, S, T)
         per_neuron = g.transpose(2, 3) @ self.spatial[mouse].t()          # (B, r, T, N)
         drive = torch.einsum("brtn,nr->btn", per_neuron, self.weight[mouse]) + self.bias[mouse]
+        if z is not None and hasattr(self, "latent"):
+            drive = drive + z.permute(0, 3, 1, 2).flatten(2) @ self.latent[mouse]   # (B, T, C*n) @ (C*n, N)
         return F.elu(drive) + 1
 
 
@@ -493,7 +519,8 @@ class VideoEncoder(nn.Module):
             self.blocks.extend(ResBlock(f[i], f[i], kernel=kernel) for _ in range(cfg.video_blocks[i]))
             self.blocks.append(SpatialDownsample(f[i], f[i + 1]))
         self.final_blocks = nn.ModuleList([ResBlock(f[-1], f[-1], kernel=kernel),
-                                           SelfAttention(f[-1], residual=False, out_bias=True),
+                                           SelfAttention(f[-1], residual=cfg.video_attention_residual,
+                                                         out_bias=True),
                                            ResBlock(f[-1], f[-1], kernel=kernel)])
         self.final_conv = nn.Conv3d(f[-1], f[-1], 3, padding=1)
 
@@ -523,7 +550,8 @@ class VideoDecoder(nn.Module):
         self.checkpointing, self.last_level = cfg.checkpointing, blocks[-2] + 1
         self.initial_conv = nn.Conv3d(f[0], f[0], 3, padding=1)
         self.initial_blocks = nn.ModuleList([ResBlock(f[0], f[0], kernel=kernel),
-                                             SelfAttention(f[0], residual=False, out_bias=True),
+                                             SelfAttention(f[0], residual=cfg.video_attention_residual,
+                                                           out_bias=True),
                                              ResBlock(f[0], f[0], kernel=kernel)])
         self.blocks = nn.ModuleList()
         for i in range(len(f) - 1):
@@ -566,6 +594,7 @@ class Losses(NamedTuple):
     video_cross: torch.Tensor    # video from the neural sample (cross-modal decoding)
     kl_fusion: torch.Tensor      # KL(p||x) + KL(p||y)
     kl_cross: torch.Tensor       # KL(x||y) + KL(y||x)
+    kl_prior: torch.Tensor       # KL(x||N(0, I)) + KL(y||N(0, I)) (not published; weight 0 in "paper")
     match: torch.Tensor          # probabilistic matching BCE over the batch
     total: torch.Tensor
 
@@ -580,23 +609,11 @@ class Output(NamedTuple):
 
 
 def _check_model_config(cfg: ModelConfig, neuron_counts):
-    """Raise ValueError naming the first model setting the architecture cannot be built with."""
-    choices = {"neural_projector": ("conv", "set"), "neural_readout": ("resize", "neuron"),
-               "video_to_neural": ("nearest", "pool")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"model.{name} is {getattr(cfg, name)!r}; valid: {', '.join(allowed)}")
-    shrink = 4 ** (len(cfg.ch_mult) - 1)
+    """Raise ValueError naming the first model setting the architecture cannot be built with. The settings
+    themselves (choices, ranges, the rules between them) are checked in one place, config.validate_model;
+    what depends on the animals is checked here."""
+    config.validate_model(cfg)
     rules = [
-        (cfg.proj_neurons % shrink == 0,
-         f"model.proj_neurons must be divisible by 4^(len(ch_mult) - 1) = {shrink}"),
-        (cfg.neural_projector != "set" or cfg.set_slots == cfg.proj_neurons,
-         "model.set_slots must equal model.proj_neurons"),
-        (cfg.neural_projector != "set" or cfg.set_token_dim % cfg.set_heads == 0,
-         "model.set_token_dim must be divisible by model.set_heads"),
-        (cfg.video_features[-1] == cfg.z_channels, "model.video_features must end with z_channels"),
-        (len(cfg.video_features) == len(cfg.video_blocks) and min(cfg.video_blocks[1:], default=1) >= 1,
-         "model.video_blocks must have one entry per video level, each past the first at least 1"),
         (len(neuron_counts) > 0 and all(int(n) >= 3 for n in neuron_counts.values()),
          "neuron_counts must name at least one animal, each with at least 3 neurons"),
         (all(isinstance(m, str) and m and "." not in m for m in neuron_counts),
@@ -624,6 +641,14 @@ class PNBA(nn.Module):
         self.video_encoder = VideoEncoder(cfg)
         self.mu_x_head, self.logvar_x_head = ResBlock(z, z, dropout), ResBlock(z, z, dropout)
         self.mu_y_head, self.logvar_y_head = ResBlock(z, z, dropout), ResBlock(z, z, dropout)
+        if cfg.mean_norm in ("batch", "stimulus"):
+            # BN-VAE (Zhu et al. 2020): every element of mu, frame of the window included, has zero mean
+            # and unit spread over the batch's windows, so no trial-independent template (zero padding
+            # makes one along the window's frames) can dominate the latent, and the KL and matching terms
+            # see trial differences on the scale of the variances (see README, Objective)
+            if cfg.mean_norm == "batch":
+                self.mu_x_norm = nn.LazyBatchNorm1d(affine=False)
+            self.mu_y_norm = nn.LazyBatchNorm1d(affine=False)
         self.neural_decoder = NeuralDecoder(cfg)
         self.neural_readout = (ResizeReadout(cfg) if cfg.neural_readout == "resize"
                                else NeuronReadout(cfg, self.neuron_counts))
@@ -652,15 +677,32 @@ class PNBA(nn.Module):
 
     # -- encoding --------------------------------------------------------------------------------------
 
+    def materialise(self, frames: int) -> None:
+        """Give mean_norm="batch"'s BatchNorms their size for windows of `frames` frames, without touching
+        their statistics: DDP and checkpoints need every buffer to exist before the first forward."""
+        for name in ("mu_x_norm", "mu_y_norm"):
+            norm = getattr(self, name, None)
+            if norm is not None and norm.has_uninitialized_params():
+                was_training = norm.training
+                norm.eval()
+                norm(torch.zeros(1, self.cfg.z_channels * self.latent_neurons * frames))
+                norm.train(was_training)
+
+    def _normalised_mean(self, mu, norm):
+        """mu (B, C, n, T) through BatchNorm over the windows per (latent element, frame), if configured."""
+        if not hasattr(self, norm):
+            return mu
+        return getattr(self, norm)(mu.flatten(1)).view_as(mu)
+
     def _encode_modalities(self, responses, video, coords):
         mu_x = logvar_x = mu_y = logvar_y = None
         if responses is not None:
             h = self.neural_encoder(maybe_checkpoint(self.cfg.checkpointing, self.neural_projector,
                                                      responses, coords))
-            mu_x, logvar_x = self.mu_x_head(h), self.logvar_x_head(h)
+            mu_x, logvar_x = self._normalised_mean(self.mu_x_head(h), "mu_x_norm"), self.logvar_x_head(h)
         if video is not None:
             v = self._video_to_neural(self.video_encoder(video))
-            mu_y, logvar_y = self.mu_y_head(v), self.logvar_y_head(v)
+            mu_y, logvar_y = self._normalised_mean(self.mu_y_head(v), "mu_y_norm"), self.logvar_y_head(v)
         return mu_x, logvar_x, mu_y, logvar_y
 
     def encode(self, responses=None, video=None, coords=None) -> Gaussians:
@@ -696,7 +738,9 @@ class PNBA(nn.Module):
 
     def decode_responses(self, z, mouse):
         """Latent (B, C, n, T) -> Poisson rate (B, T, N) of animal `mouse`."""
-        return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse))
+        if self.cfg.neural_readout == "resize":
+            return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse))
+        return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse), z)
 
     def decode_video(self, z, size):
         """Latent (B, C, n, T) -> video (B, 1, T, H, W) with (H, W) = size."""
@@ -733,11 +777,12 @@ class PNBA(nn.Module):
             video_cross=squared_error(video_cross, video),
             kl_fusion=(kl_px + kl_py).sum() / B,
             kl_cross=kl_sym.sum() / B,
+            kl_prior=(standard_normal_kl(flat[0], flat[1]) + standard_normal_kl(flat[2], flat[3])).sum() / B,
             match=match_loss(flat[2], flat[3], flat[0], flat[1], self.match_scale, self.match_bias,
                              backend=backend) / B,
         )
         # align_scale ramps the alignment terms in during warm-up (train.py); 1 = the published objective
-        scale = {"kl_fusion": align_scale, "kl_cross": align_scale, "match": align_scale}
+        scale = {name: align_scale for name in ("kl_fusion", "kl_cross", "match", "kl_prior")}
         total = sum(getattr(c, f"w_{name}") * scale.get(name, 1.0) * value for name, value in terms.items())
         gaussians = Gaussians(mu_x, logvar_x, mu_y, logvar_y, mu_p.view(latent_shape),
                               logvar_p.view(latent_shape))
@@ -792,10 +837,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, checkpoint: dict):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    """torch.save through config.atomic_path (temp file beside `path`, then rename): a crash never leaves
+    half a file."""
+    with config.atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path) -> dict:
@@ -813,6 +858,16 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+def load_weights(model, ckpt: dict, source) -> None:
+    """model.load_state_dict(ckpt["model"]); a CheckpointError naming source if the weights do not fit the
+    model built from the checkpoint's own config (a config edited after training, say)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(f"{source}: its weights do not fit its config ({lines[-1]})") from None
+
+
 def check_mice(ckpt: dict, neuron_counts: dict[str, int], source):
     """Refuse data whose animals have other neuron counts than the checkpoint recorded for them (animals
     the checkpoint does not know are fine: they are encoded zero-shot)."""
@@ -821,13 +876,6 @@ def check_mice(ckpt: dict, neuron_counts: dict[str, int], source):
         if mouse in recorded and int(recorded[mouse]) != int(n):
             raise CheckpointError(f"{source}: mouse {mouse!r} has {n} neurons in the data but "
                                   f"{recorded[mouse]} neurons in the checkpoint")
-
-
-def per_neuron_corr(prediction, target):
-    """Pearson r of every neuron over samples: (S, N), (S, N) -> (N,); NaN for a constant neuron."""
-    p = prediction.double() - prediction.double().mean(0)
-    t = target.double() - target.double().mean(0)
-    return ((p * t).sum(0) / (p.norm(dim=0) * t.norm(dim=0))).float()
 
 
 def between_trial_corr(mu):

@@ -22,17 +22,19 @@ Definitions (the reports repeat them):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
+
+import config
 
 BLOCKS = ("train", "oracle")          # tiers reported as separate blocks; "pooled" is every pair
 ALPHA = 0.05                          # verdict threshold on the permutation p
@@ -295,6 +297,77 @@ def combine(results: list[dict[str, dict[str, Comparison]]]) -> dict[str, dict[s
 
 
 # ---------------------------------------------------------------------------------------------
+# Stimulus -> neural prediction scores and the data's own ceiling
+# ---------------------------------------------------------------------------------------------
+
+def per_neuron_corr(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Pearson r of every neuron over samples: (S, N), (S, N) -> (N,); NaN for a constant neuron. The
+    Sensorium single-trial correlation is its mean over neurons, samples being the concatenated frames."""
+    p = np.asarray(prediction, np.float64)
+    t = np.asarray(target, np.float64)
+    p, t = p - p.mean(0), t - t.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (p * t).sum(0) / (np.linalg.norm(p, axis=0) * np.linalg.norm(t, axis=0))
+
+
+def repeat_ceiling(responses: list[np.ndarray], labels) -> float:
+    """The data's own ceiling for a single-trial correlation: every trial that has repeats predicted by the
+    mean of its other repeats (leave one out), scored like a model (mean over neurons of per_neuron_corr
+    over the concatenated frames). responses: (frames, N) per trial; labels: stimulus per trial (repeats
+    share one, and their common leading frames are used). NaN when no stimulus is repeated."""
+    labels = np.asarray(labels)
+    prediction, target = [], []
+    for s in np.unique(labels):
+        group = [responses[k] for k in np.flatnonzero(labels == s)]
+        if len(group) < 2:
+            continue
+        n = min(len(r) for r in group)
+        stack = np.stack([np.asarray(r[:n], np.float64) for r in group])
+        prediction += [(stack.sum(0) - one) / (len(group) - 1) for one in stack]
+        target += list(stack)
+    if not target:
+        return float("nan")
+    return float(np.nanmean(per_neuron_corr(np.concatenate(prediction), np.concatenate(target))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Identification: which video did the animal see, from its neural latent alone
+# ---------------------------------------------------------------------------------------------
+
+def matching_distance(mu_x: np.ndarray, logvar_x: np.ndarray, mu_y: np.ndarray,
+                      logvar_y: np.ndarray) -> float:
+    """The matching loss's distance ||mu_y - mu_x||^2 + sum var_y + sum var_x per frame, averaged over the
+    common leading frames. Arrays (frames, D); the average keeps videos of other lengths comparable."""
+    n = min(len(mu_x), len(mu_y))
+    d = ((mu_y[:n] - mu_x[:n]) ** 2 + np.exp(logvar_y[:n]) + np.exp(logvar_x[:n])).sum(1)
+    return float(d.mean())
+
+
+def identification(trials: list, candidates: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Rank of the true video among `candidates` for every trial, by the matching distance to its mu_x.
+
+    trials: objects with .stimulus and .arrays holding mu_x, logvar_x (data.TrialRep); candidates:
+    {stimulus id: (mu_y, logvar_y)}, every distinct video the animal saw. Trials whose stimulus is not a
+    candidate are skipped. Returns top1 (fraction ranked first), median_rank, chance (1 / candidates),
+    n_trials, n_candidates and ranks (per trial, 1 = best; a tie counts against the true video).
+    """
+    ids = sorted(candidates)
+    ranks = []
+    for t in trials:
+        if t.stimulus not in candidates:
+            continue
+        d = np.array([matching_distance(t.arrays["mu_x"], t.arrays["logvar_x"], *candidates[s]) for s in ids])
+        true = d[ids.index(t.stimulus)]
+        ranks.append(int(1 + np.sum(np.delete(d, ids.index(t.stimulus)) <= true)))
+    ranks = np.array(ranks, dtype=np.int64)
+    nan = float("nan")
+    return {"top1": float(np.mean(ranks == 1)) if len(ranks) else nan,
+            "median_rank": float(np.median(ranks)) if len(ranks) else nan,
+            "chance": 1.0 / len(ids) if ids else nan, "n_trials": len(ranks), "n_candidates": len(ids),
+            "ranks": ranks.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------
 
@@ -468,6 +541,55 @@ def histogram_figure(panels: list[list[tuple[str, Comparison | None]]], title: s
     return buf.getvalue()
 
 
+def learning_curve_figure(records: list[dict], title: str) -> bytes:
+    """PNG of a run's metrics.jsonl against step: the stimulus -> neural correlation with its anchors
+    (repeat ceiling, pixel ridge), cross-modal d, zero-shot d per held-out pair, and the collapse alarms
+    (training Poisson over its floor, raw latent correlation)."""
+    from matplotlib.figure import Figure
+
+    val = [(r["step"], r["val"]) for r in records if "val" in r]
+    train = [r for r in records if "val" not in r and r.get("poisson_floor")]
+
+    def series(get):
+        points = [(step, get(v)) for step, v in val]
+        points = [(x, y) for x, y in points if y is not None and np.isfinite(y)]
+        return ([x for x, _ in points], [y for _, y in points]) if points else ([], [])
+
+    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    ax = fig.subplots(1, 4)
+    ax[0].plot(*series(lambda v: v.get("corr")), "o-", label="PNBA, stimulus path")
+    ax[0].plot(*series(lambda v: v.get("corr_fused")), "s--", label="PNBA, fused")
+    for key, style, label in (("ceiling", ":", "repeat ceiling"), ("ridge_corr", "-.", "pixel ridge")):
+        xs, ys = series(lambda v, key=key: v.get(key))
+        if ys:
+            ax[0].axhline(ys[-1], ls=style, color="gray", label=f"{label} {ys[-1]:.2f}")
+    ax[0].set_title("stimulus -> neural, oracle trials")
+    ax[0].set_ylabel("single-trial r")
+    for group in ("train", "heldout"):
+        ax[1].plot(*series(lambda v, g=group: (v.get(f"crossmodal_{g}") or {}).get("d")), "o-",
+                   label=f"{group} animals")
+    ax[1].set_title("cross-modal, centred d")
+    pairs = sorted({(z["a"], z["b"]) for _, v in val for z in v.get("zeroshot", [])})
+    for a, b in pairs:
+        ax[2].plot(*series(lambda v, a=a, b=b: next((z["d"] for z in v.get("zeroshot", [])
+                                                     if (z["a"], z["b"]) == (a, b)), None)),
+                   "o-", label=f"{a[:12]} x {b[:12]}")
+    ax[2].set_title("zero-shot, held-out pairs, centred d")
+    steps = [r["step"] for r in train]
+    ax[3].plot(steps, [r["poisson"] / r["poisson_floor"] for r in train], label="Poisson / floor (train)")
+    ax[3].plot(steps, [r["latent_corr"] for r in train], label="latent_corr (train)")
+    ax[3].axhline(1.0, color="gray", lw=0.5)
+    ax[3].set_title("collapse alarms")
+    for a in ax:
+        a.set_xlabel("step")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
 def matrix_figure(panels: list[tuple[str, np.ndarray]], row_labels: np.ndarray, col_labels: np.ndarray,
                   title: str) -> bytes:
     """PNG of correlation matrices (rows, cols) side by side, with lines between stimulus groups."""
@@ -489,20 +611,13 @@ def matrix_figure(panels: list[tuple[str, np.ndarray]], row_labels: np.ndarray, 
 
 
 def write_outputs(folder: str, files: dict[str, bytes]) -> None:
-    """Write every file to a temp name first, then rename them all: no half-written output."""
+    """Write every file through config.atomic_path, renaming none until all are written: no half-written
+    output."""
     os.makedirs(folder, exist_ok=True)
-    temps = {}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, content in files.items():
-            fd, temps[name] = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=folder)
-            with os.fdopen(fd, "wb") as f:
+            with open(stack.enter_context(config.atomic_path(os.path.join(folder, name))), "wb") as f:
                 f.write(content)
-        for name, tmp in temps.items():
-            os.replace(tmp, os.path.join(folder, name))
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def json_bytes(obj) -> bytes:
@@ -511,10 +626,13 @@ def json_bytes(obj) -> bytes:
 
 def run_cli(doc: str, argv: list[str] | None, analyse: Callable[[list, str, int, int], dict[str, bytes]],
             read: Callable, read_errors: tuple[type[Exception], ...] = ()) -> int:
-    """Shared CLI: parse [reps.h5] [--out DIR] [--permutations N] [--seed S], read and check the trials
-    with `read`, run analyse(trials, path, n_perm, seed) -> {file name: content}, write the files.
+    """Shared CLI: parse [reps.h5] [--out DIR] [--permutations N] [--seed S], check the output folder is
+    writable, read and check the trials with `read`, run analyse(trials, path, n_perm, seed) -> {file
+    name: content}, write the files.
 
-    A StatsError, or one of `read_errors` (the reader's own), becomes one stderr line and exit 2.
+    A StatsError, a config.ConfigError (a `--section.field` key: none applies, the representations file
+    fixes them; an output folder that cannot be written) or one of `read_errors` (the reader's own) becomes
+    one stderr line and exit 2.
     """
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -522,14 +640,17 @@ def run_cli(doc: str, argv: list[str] | None, analyse: Callable[[list, str, int,
     parser.add_argument("--out", help="output folder (default: the folder of the representations file)")
     parser.add_argument("--permutations", type=int, default=1000, help="stimulus relabellings (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
-    args = parser.parse_args(argv)
-    if args.permutations < 1:
-        parser.error("--permutations must be at least 1")
     try:
+        _, argv = config.parse_overrides(config.Config(), sys.argv[1:] if argv is None else argv, allowed=())
+        args = parser.parse_args(argv)
+        if args.permutations < 1:
+            parser.error("--permutations must be at least 1")
         path = args.reps or default_reps_path()
+        out = args.out or os.path.dirname(os.path.abspath(path))
+        config.check_writable(out)
         files = analyse(load(path, read), path, args.permutations, args.seed)
-        write_outputs(args.out or os.path.dirname(os.path.abspath(path)), files)
-    except (StatsError, *read_errors) as e:
+        write_outputs(out, files)
+    except (StatsError, config.ConfigError, *read_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
