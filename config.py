@@ -310,7 +310,7 @@ CHOICES = {
     "model.neural_projector": ("conv", "set"),
     "model.neural_readout": ("resize", "neuron"),
     "model.readout_bias_init": ("zero", "mean"),
-    "model.mean_norm": ("none", "batch", "stimulus"),
+    "model.mean_norm": ("none", "batch"),
     "model.video_to_neural": ("nearest", "pool"),
     "model.kernels": ("auto", "triton", "torch"),
     "data.synth_preset": ("tiny", "demo"),           # data.SYNTH_PRESETS (a test keeps the two equal)

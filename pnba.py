@@ -641,13 +641,12 @@ class PNBA(nn.Module):
         self.video_encoder = VideoEncoder(cfg)
         self.mu_x_head, self.logvar_x_head = ResBlock(z, z, dropout), ResBlock(z, z, dropout)
         self.mu_y_head, self.logvar_y_head = ResBlock(z, z, dropout), ResBlock(z, z, dropout)
-        if cfg.mean_norm in ("batch", "stimulus"):
+        if cfg.mean_norm == "batch":
             # BN-VAE (Zhu et al. 2020): every element of mu, frame of the window included, has zero mean
             # and unit spread over the batch's windows, so no trial-independent template (zero padding
             # makes one along the window's frames) can dominate the latent, and the KL and matching terms
             # see trial differences on the scale of the variances (see README, Objective)
-            if cfg.mean_norm == "batch":
-                self.mu_x_norm = nn.LazyBatchNorm1d(affine=False)
+            self.mu_x_norm = nn.LazyBatchNorm1d(affine=False)
             self.mu_y_norm = nn.LazyBatchNorm1d(affine=False)
         self.neural_decoder = NeuralDecoder(cfg)
         self.neural_readout = (ResizeReadout(cfg) if cfg.neural_readout == "resize"

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from itertools import combinations
 
 import h5py
@@ -23,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats as sps
 
+import baselines
+import bench
 import config
 import data
 import extract
@@ -475,7 +478,7 @@ def batch(B=3, T=8, N=40, seed=1, dtype=torch.float32):
 
 def test_every_loss_term_equals_its_closed_form():
     weights = dict(w_poisson=0.7, w_poisson_cross=1.3, w_video=0.4, w_video_cross=2.0, w_kl_fusion=0.9,
-                   w_kl_cross=1.1, w_match=0.6)
+                   w_kl_cross=1.1, w_match=0.6, w_kl_prior=0.8)
     model = build(**weights).double().eval()
     with torch.no_grad():
         model.match_scale.fill_(0.01)
@@ -509,6 +512,7 @@ def test_every_loss_term_equals_its_closed_form():
         kl_fusion=(kl(mu_p, var_p, mu_x, var_x) + kl(mu_p, var_p, mu_y, var_y)).sum() / B,
         kl_cross=(kl(mu_x, var_x, mu_y, var_y) + kl(mu_y, var_y, mu_x, var_x)).sum() / B,
         match=torch.tensor(match / B, dtype=torch.float64),
+        kl_prior=(kl(mu_x, var_x, 0, 1) + kl(mu_y, var_y, 0, 1)).sum() / B,
     )
     losses = out.losses._asdict()
     for name, value in expected.items():
@@ -612,15 +616,16 @@ def test_video_to_neural_layouts():
 @pytest.mark.parametrize("preset, N, T", [("tiny", 40, 8), ("demo", 150, 16), ("paper", 300, 16)])
 def test_output_shapes(preset, N, T):
     model = build(preset, {"m": N})
-    r, v = batch(1, T, N)
+    B = 2                                                  # the demo's BatchNorm of the means needs B > 1
+    r, v = batch(B, T, N)
     train = preset != "paper"                              # paper: forward only (see the slow test)
     model.train(train)
     with torch.set_grad_enabled(train):
         out = model(r, v, "m")
-    assert out.rate.shape == out.rate_cross.shape == (1, T, N)
-    assert out.video_rec.shape == out.video_cross.shape == (1, 1, T, 32, 64)
+    assert out.rate.shape == out.rate_cross.shape == (B, T, N)
+    assert out.video_rec.shape == out.video_cross.shape == (B, 1, T, 32, 64)
     for name in pnba.Gaussians._fields:
-        assert getattr(out.gaussians, name).shape == (1, 8, 4, T), name
+        assert getattr(out.gaussians, name).shape == (B, 8, 4, T), name
     assert all(torch.isfinite(t) for t in out.losses)
     assert (out.rate > 0).all() and (out.video_rec >= 0).all() and (out.video_rec <= 1).all()
     if train:
@@ -750,11 +755,63 @@ def test_checkpoint_round_trip(tmp_path):
     pnba.check_mice(ckpt, {"m1": 40, "new": 7}, source=path)
 
 
+def test_repeat_ceiling_is_leave_one_out():
+    g = np.random.default_rng(1)
+    responses = [g.normal(size=(6, 3)) for _ in range(5)]
+    labels = [0, 0, 0, 1, 2]                       # stimuli 1 and 2 are not repeated: left out
+    prediction = [(responses[1] + responses[2]) / 2, (responses[0] + responses[2]) / 2,
+                  (responses[0] + responses[1]) / 2]
+    expected = np.mean(stats.per_neuron_corr(np.concatenate(prediction), np.concatenate(responses[:3])))
+    assert stats.repeat_ceiling(responses, labels) == pytest.approx(expected)
+    assert np.isnan(stats.repeat_ceiling(responses[3:], [1, 2]))
+
+
+def test_identification_ranks_by_matching_distance():
+    g = np.random.default_rng(2)
+    zeros = np.zeros((5, 4))
+    candidates = {s: (g.normal(size=(5, 4)), zeros) for s in range(6)}
+    near = [TrialRep("m", "oracle", s, s, 5, False, {"mu_x": candidates[s][0] + 0.01, "logvar_x": zeros})
+            for s in range(6)]
+    r = stats.identification(near, candidates)
+    assert r["top1"] == 1.0 and r["median_rank"] == 1 and r["chance"] == pytest.approx(1 / 6)
+    # the trial sits on video 3: the true video 0 ranks below it; an unknown stimulus is skipped
+    off = [TrialRep("m", "oracle", 0, 0, 5, False, {"mu_x": candidates[3][0], "logvar_x": zeros}),
+           TrialRep("m", "oracle", 1, 99, 5, False, {"mu_x": candidates[3][0], "logvar_x": zeros})]
+    r = stats.identification(off, candidates)
+    d = [stats.matching_distance(candidates[3][0], zeros, *candidates[s]) for s in range(6)]
+    assert r["n_trials"] == 1 and r["ranks"] == [1 + sum(x <= d[0] for x in np.delete(d, 0))]
+
+
+def test_pixel_ridge_predicts_driven_neurons_and_not_the_control(tiny):
+    """Fitted on the train tier, scored on oracle trials: the stimulus-driven animal is predicted, the
+    stimulus-blind control is not (its responses follow a latent of its own)."""
+    _, mice, truth = tiny
+    scores = {}
+    for name, m in mice.items():
+        fit = baselines.pixel_ridge(m, m.trials(["train"], hidden=False))
+        oracle = m.trials(["oracle"], hidden=False)
+        prediction = np.concatenate([fit.predict(m, i) for i in oracle])
+        target = np.concatenate([m.normalised(i)[1].numpy() for i in oracle])
+        scores[name] = np.nanmean(stats.per_neuron_corr(prediction, target))
+    control = truth["control"][0]
+    assert all(scores[n] > 0.25 for n in truth["train"]), scores
+    assert abs(scores[control]) < 0.15, scores
+
+
+def test_readout_bias_starts_each_neuron_at_its_mean_rate():
+    model = build(readout_bias_init="mean")
+    mean = torch.tensor([0.01, 0.5, 1.0, 2.5] + [1.0] * (COUNTS["m1"] - 4))
+    model.neural_readout.init_bias("m1", mean)
+    torch.testing.assert_close(F.elu(model.neural_readout.bias["m1"]) + 1, mean)
+    with pytest.raises(ValueError, match="readout_bias_init"):
+        build(neural_readout="resize", neural_projector="conv", readout_bias_init="mean")
+
+
 def test_per_neuron_corr():
     g = np.random.default_rng(0)
     p, t = g.normal(size=(50, 4)), g.normal(size=(50, 4))
     t[:, 3] = 1.0
-    r = pnba.per_neuron_corr(torch.tensor(p), torch.tensor(t)).numpy()
+    r = stats.per_neuron_corr(p, t)
     np.testing.assert_allclose(r[:3], [np.corrcoef(p[:, i], t[:, i])[0, 1] for i in range(3)], rtol=1e-5)
     assert np.isnan(r[3])
 
@@ -1609,11 +1666,10 @@ def test_bad_input_one_line_no_output(tmp_path, capsys, monkeypatch, script):
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synth") / "tiny")
-    data.write_synthetic(root, "tiny", seed=0)
-    truth = data.read_synthetic_truth(root)
+@pytest.fixture(scope="session")
+def tiny_data(tiny):
+    """The tiny set `tiny` wrote, for training: (root, the animals to hold out)."""
+    root, _, truth = tiny
     return root, truth["heldout"] + truth["control"]
 
 
@@ -1633,8 +1689,8 @@ def tiny_run(tiny_data, tmp_path_factory):
 def _assert_run_files(run):
     """Exactly the files of one writer: config, metrics, last and per-epoch checkpoints, no temp files."""
     files = set(os.listdir(run))
-    assert {"config.json", "last.pt", "metrics.jsonl"} <= files
-    assert all(f in ("config.json", "last.pt", "metrics.jsonl") or
+    assert {"config.json", "last.pt", "metrics.jsonl", "curves.png"} <= files
+    assert all(f in ("config.json", "last.pt", "metrics.jsonl", "curves.png") or
                (f.startswith("epoch_") and f.endswith(".pt")) for f in files), files
 
 
@@ -1652,10 +1708,35 @@ def test_run_directory_and_metrics(tiny_run):
                     "match", "poisson_floor", "latent_corr", "windows_per_s", "lr"):
             assert key in r and r[key] is not None and np.isfinite(r[key]), key
     val = [r["val"] for r in lines if "val" in r][-1]
-    assert -1 <= val["corr_train_animals"] <= 1 and np.isfinite(val["psnr_heldout_animals"])
+    assert -1 <= val["corr"] <= 1 and -1 <= val["ceiling"] <= 1 and -1 <= val["ridge_corr"] <= 1
+    assert val["crossmodal_train"]["d"] is not None and val["zeroshot"]
+    assert (tiny_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and set(ckpt["heldout"]) <= set(ckpt["mice"])
     assert set(ckpt["neuron_counts"]).isdisjoint(ckpt["heldout"])
+
+
+def test_model_receives_the_configured_video_size(tiny_data, tmp_path, monkeypatch):
+    """--data.height/width reach the reader in training, validation and extraction alike."""
+    root, holdout = tiny_data
+    seen = set()
+    forward, encode = pnba.PNBA.forward, pnba.PNBA.encode
+
+    def record_forward(self, responses, video, *args, **kwargs):
+        seen.add(tuple(video.shape[-2:]))
+        return forward(self, responses, video, *args, **kwargs)
+
+    def record_encode(self, responses=None, video=None, **kwargs):
+        if video is not None:
+            seen.add(tuple(video.shape[-2:]))
+        return encode(self, responses, video, **kwargs)
+
+    monkeypatch.setattr(pnba.PNBA, "forward", record_forward)
+    monkeypatch.setattr(pnba.PNBA, "encode", record_encode)
+    train.train(_train_args(root, holdout, tmp_path / "run", "--run.max_steps", "2",
+                            "--data.height", "16", "--data.width", "24"))
+    assert extract.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--tiers", "oracle"]) == 0
+    assert seen == {(16, 24)}
 
 
 def test_resume_is_exact(tiny_data, tmp_path):
@@ -1776,7 +1857,6 @@ def test_extract_bad_inputs(tiny_run, tmp_path, capsys):
 
 
 def test_stats_refuse_foreign_hdf5(tmp_path, capsys):
-    import stats_zeroshot
     foreign = tmp_path / "x.h5"
     with h5py.File(foreign, "w") as f:
         f["a"] = np.zeros(3)
@@ -1787,8 +1867,13 @@ def test_stats_refuse_foreign_hdf5(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_science_zero_shot_effect_and_negative_control(tmp_path):
-    """After a short training, the held-out animals' same-stimulus pairs are more similar than other pairs
-    (centred d > 1, permutation p < 0.01), and the stimulus-blind control animal shows no effect."""
+    """After a short training PNBA does the three things it claims, and the untrained model (validated at
+    step 0) and the stimulus-blind control animal do none of them:
+    - stimulus -> neural: the stimulus path predicts the training animals' oracle trials;
+    - cross-modal: the training animals' mu_x sits nearer its own video's mu_y than other videos', and
+      identifies the video;
+    - zero-shot: the held-out animals' same-stimulus pairs are more similar than other pairs (centred
+      d > 1, permutation p < 0.01); the control shows no effect."""
     torch.set_num_threads(2)            # a real training run (the autouse fixture restores the count)
     root = str(tmp_path / "data")
     data.write_synthetic(
@@ -1803,7 +1888,15 @@ def test_science_zero_shot_effect_and_negative_control(tmp_path):
     holdout = ",".join(truth["heldout"] + truth["control"])
     train.train(["--data", root, "--holdout", holdout, "--out", str(run), "--optim.epochs", "20",
                  "--optim.align_warmup_iters", "60",
-                 "--run.val_every", "0", "--run.ckpt_every", "0", "--data.num_workers", "0"])
+                 "--run.val_every", "20", "--run.ckpt_every", "0", "--data.num_workers", "0"])
+    untrained, trained = [r["val"] for r in map(json.loads, open(run / "metrics.jsonl")) if "val" in r]
+    assert abs(untrained["corr"]) < 0.1 and trained["corr"] > 0.6 * trained["ridge_corr"], trained
+    # two training animals and 120 steps align the training animals' latents (held-out animals need
+    # more of both: the demo shows them); an untrained model's encoders share only stimulus energy
+    assert untrained["crossmodal_train"]["d"] < 0.5 and trained["crossmodal_train"]["d"] > 1
+    assert trained["crossmodal_train"]["p"] < 0.01
+    chance = trained["identification_chance"]
+    assert trained["identification_top1"] > 3 * chance > untrained["identification_top1"]
     assert extract.main(["--ckpt", str(run / "last.pt"), "--tiers", "train,oracle"]) == 0
     assert stats_zeroshot.main([str(run / "reps.h5")]) == 0
     pairs = json.loads((run / "zeroshot.json").read_text())["pairs"]
@@ -1815,3 +1908,594 @@ def test_science_zero_shot_effect_and_negative_control(tmp_path):
     assert zero_shot_control and all(p["perm_p"] > 0.05 for p in zero_shot_control), zero_shot_control
     # the control against every animal: several tests at once, so each at 0.05 / their number
     assert all(p["perm_p"] > 0.05 / len(control_pairs) for p in control_pairs), control_pairs
+
+
+# ==================================================================================================
+# baselines (issue 12): PCA+CCA, CEBRA, PCA floor and stimulus ceiling beside PNBA (baselines)
+# ==================================================================================================
+
+def latent_sessions(shared: bool = True, seed: int = 0, n_train: int = 30, n_oracle: int = 3,
+                    repeats: int = 3, frames: int = 40, k: int = 3) -> dict[str, baselines.Session]:
+    """Two 'animals' a (20 neurons) and b (25): random linear mixtures of one shared latent per stimulus plus
+    noise; shared=False gives b a latent of its own on every trial. The stimulus features are another mixture
+    of the shared latent, the same for both animals."""
+    rng = np.random.default_rng(seed)
+    shows = [("train", s) for s in range(n_train)]
+    shows += [("oracle", n_train + s) for s in range(n_oracle) for _ in range(repeats)]
+    z = rng.normal(size=(n_train + n_oracle, frames, k))
+    to_video = rng.normal(size=(k, 12))
+    sessions = {}
+    for name, n in (("a", 20), ("b", 25)):
+        mixing = rng.normal(size=(k, n))
+        neural, video = [], []
+        for _, s in shows:
+            latent = z[s] if shared or name == "a" else rng.normal(size=(frames, k))
+            neural.append(latent @ mixing + rng.normal(size=(frames, n)))
+            video.append(z[s] @ to_video + 0.1 * rng.normal(size=(frames, 12)))
+        labels, tiers = [s for _, s in shows], [t for t, _ in shows]
+        sessions[name] = baselines.array_session(name, neural, video, labels, tiers)
+    return sessions
+
+
+def run_baselines(methods, shared=True, **kw) -> dict:
+    out = baselines.zeroshot(latent_sessions(shared), [("a", "b")], methods, 200, 0, n_splits=3, **kw)
+    return {m: e["pairs"][0] for m, e in out["methods"].items()} | {"_out": out}
+
+
+def test_cca_recovers_a_shared_latent_and_not_independent_animals():
+    shared, independent = run_baselines(["pca_cca"]), run_baselines(["pca_cca"], shared=False)
+    s, i = shared["pca_cca"], independent["pca_cca"]
+    assert s["cohens_d"] > 2 and s["perm_p"] < 0.01 and s["paired_mean"] > 0.2 > s["unpaired_mean"]
+    assert abs(i["cohens_d"]) < 0.5 and i["perm_p"] > 0.05
+    assert len(s["splits"]) == 3 and s["sd"]["cohens_d"] > 0          # averaged over the splits, with spread
+    assert set(s["blocks"]) == {"train", "oracle"} and SUMMARY <= set(s) and SUMMARY <= set(s["raw"])
+    # scored only on trials of stimuli the CCA was not fitted on: 15 of 30 train, 2 of 3 oracle (3 x 3 each)
+    assert s["n_paired"] == 15 + 2 * 9
+
+
+def test_cca_fit_closed_form():
+    """b an exact invertible mixture of a: every canonical correlation is 1 and both sides project alike."""
+    rng = np.random.default_rng(0)
+    a = [rng.normal(size=(20, 4)) for _ in range(12)]
+    mixing = rng.normal(size=(4, 4))
+    b = [x @ mixing for x in a]
+    cca = baselines.cca_fit(a, np.arange(12), b, np.arange(12), np.arange(12), reg=0.0)
+    assert np.allclose(cca.correlations, 1, atol=1e-8)
+    for x, y in zip(a, b, strict=True):
+        assert np.allclose(cca.project(x, "a"), cca.project(y, "b"), atol=1e-6)
+    with pytest.raises(ValueError, match="share none"):
+        baselines.cca_fit(a, np.arange(12), b, np.arange(12) + 100, np.arange(12))
+
+
+def test_pca_floor_and_stimulus_ceiling():
+    independent = run_baselines(["pca", "stimulus"], shared=False)
+    assert abs(independent["pca"]["cohens_d"]) < 0.5 and independent["pca"]["perm_p"] > 0.05
+    shared = run_baselines(["pca_cca", "pca", "stimulus"])
+    ceiling = shared["stimulus"]
+    assert ceiling["paired_mean"] > 0.95 and ceiling["perm_p"] < 0.01
+    assert ceiling["paired_mean"] == max(shared[m]["paired_mean"] for m in ("pca_cca", "pca", "stimulus"))
+    assert ceiling["n_paired"] == 30 + 3 * 3 * 3          # unfitted methods use every trial, as PNBA
+    wall = {m: e["wall_s"] for m, e in shared["_out"]["methods"].items()}
+    assert all(0 < w < 10 for w in wall.values())
+
+
+def test_stimulus_splits_are_halves_within_each_stratum():
+    sessions = latent_sessions()
+    splits = baselines.stimulus_splits(sessions, 4, np.random.default_rng(0))
+    for fit in splits:
+        assert np.sum(fit < 30) == 15 and np.sum(fit >= 30) == 1        # half of 30 train, half of 3 oracle
+    assert len({tuple(f) for f in splits}) == 4
+    again = baselines.stimulus_splits(sessions, 4, np.random.default_rng(0))
+    assert all(np.array_equal(x, y) for x, y in zip(splits, again, strict=True))
+
+
+def test_missing_cebra_is_one_line_not_a_crash(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cebra", None)                 # import cebra -> ImportError
+    assert baselines.cebra_version() is None
+    out = run_baselines(["cebra", "pca"])
+    assert out["_out"]["methods"]["cebra"]["skipped"] == baselines.CEBRA_MISSING
+    assert out["cebra"] == {"a": "a", "b": "b", "skipped": baselines.CEBRA_MISSING}
+    assert out["pca"]["n_paired"] > 0
+
+
+def fake_cebra(calls: list, fail: bool = False) -> types.ModuleType:
+    """A stand-in for the cebra package with its multi-session API: each session's 'embedding' is its
+    least-squares map from the neural data to the labels, so it aligns the sessions through the labels."""
+    class CEBRA:
+        def __init__(self, **params):
+            calls.append(("init", params))
+
+        def fit(self, xs, ys):
+            if fail:
+                raise RuntimeError("boom")
+            calls.append(("fit", [len(x) for x in xs]))
+            self.maps = [np.linalg.lstsq(x, y, rcond=None)[0] for x, y in zip(xs, ys, strict=True)]
+            return self
+
+        def transform(self, x, session_id=None):
+            calls.append(("transform", session_id))
+            return x @ self.maps[session_id]
+    return types.SimpleNamespace(CEBRA=CEBRA, __version__="0.0-test")
+
+
+def test_cebra_path_trains_only_on_unscored_trials(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "cebra", fake_cebra(calls))
+    shared = run_baselines(["cebra"])
+    assert shared["_out"]["cebra_version"] == "0.0-test"
+    fits = [c[1] for c in calls if c[0] == "fit"]
+    assert len(fits) == 3 and all(n == [18 * 40] * 2 for n in fits)     # 15 + 1 x 3 repeats, 40 frames
+    assert calls[0][1]["output_dimension"] == baselines.PCS
+    # every trial not trained on is embedded, once per split
+    assert sum(c[0] == "transform" for c in calls) == 3 * 2 * (15 + 2 * 3)
+    assert shared["cebra"]["cohens_d"] > 2 and shared["cebra"]["perm_p"] < 0.01
+    calls.clear()
+    monkeypatch.setitem(sys.modules, "cebra", fake_cebra(calls, fail=True))
+    failed = run_baselines(["cebra"])["_out"]["methods"]["cebra"]["skipped"]
+    assert failed.startswith("cebra 0.0-test: failed (RuntimeError: boom)")
+
+
+def baseline_reps(tiny, path, with_config=True) -> str:
+    """A representations file of every analysable trial of the tiny data, with random mu_x, the truth's
+    stimulus ids, and (with_config) the config naming the data folder, as extract.py writes it."""
+    root, mice, truth = tiny
+    heldout = set(truth["heldout"] + truth["control"])
+    rng = np.random.default_rng(0)
+    trials = []
+    for name, m in mice.items():
+        stimulus = truth["arrays"][f"{name}/stimulus_of_trial"]
+        for i in m.trials(hidden=False):
+            n = m.valid_frames(i)
+            trials.append(TrialRep(name, str(m.tiers[i]), int(i), int(stimulus[i]), n, name in heldout,
+                                   {"mu_x": rng.normal(size=(n, 4)).astype(np.float32)}))
+    cfg = config.preset("tiny")
+    cfg.data.paths = (root,)
+    attrs = {"config": json.dumps(config.to_dict(cfg))} if with_config else {}
+    write_representations(str(path), trials, attrs)
+    return str(path)
+
+
+def test_zeroshot_cli_with_baselines(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cebra", None)
+    path = baseline_reps(tiny, tmp_path / "reps.h5")
+    out = tmp_path / "out"
+    assert stats_zeroshot.main([path, "--out", str(out), "--permutations", "50", "--splits", "2",
+                                "--baselines", "pca_cca,cebra,pca,stimulus"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "zeroshot.json").read_text())
+    base = report["baselines"]
+    assert list(base["methods"]) == ["pca_cca", "cebra", "pca", "stimulus", "reference"]
+    pairs = [(p["a"], p["b"]) for p in report["pairs"]]
+    for method, entry in base["methods"].items():
+        assert entry["wall_s"] >= 0 and entry["fits"]
+        if method == "cebra":
+            assert entry["skipped"] == baselines.CEBRA_MISSING
+            continue
+        assert [(p["a"], p["b"]) for p in entry["pairs"]] == pairs          # the same pairs, same order
+        for p in entry["pairs"]:
+            assert SUMMARY <= set(p) and set(p["blocks"]) == {"train", "oracle"}
+    for p in base["methods"]["stimulus"]["pairs"]:
+        assert p["paired_mean"] > 0.9                                    # the same videos: the ceiling
+    # the unfitted baselines score exactly PNBA's trials
+    n_paired = [p["n_paired"] for p in report["pairs"]]
+    assert [p["n_paired"] for p in base["methods"]["pca"]["pairs"]] == n_paired
+    text = (out / "zeroshot.txt").read_text()
+    for needle in (baselines.CEBRA_MISSING, "zero-shot", "pnba@splits", "wall time:", "baselines per block"):
+        assert needle in text and (needle in printed or needle == "baselines per block")
+    assert printed.count(baselines.CEBRA_MISSING) == 1
+    assert (out / "zeroshot_baselines.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_zeroshot_baselines_need_the_data(tiny, tmp_path, capsys):
+    root = tiny[0]
+    path = baseline_reps(tiny, tmp_path / "reps.h5", with_config=False)
+    args = [path, "--out", str(tmp_path / "out"), "--permutations", "20", "--baselines", "pca,stimulus"]
+    assert stats_zeroshot.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pass --data" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert stats_zeroshot.main([*args, "--data", root, "--log1p", "--pcs", "3"]) == 0
+    base = json.loads((tmp_path / "out" / "zeroshot.json").read_text())["baselines"]
+    assert base["settings"]["log1p"] and "log1p responses" in base["methods"]["pca"]["fits"]
+    assert base["settings"]["pcs"] == 3 and "(3)" in base["methods"]["stimulus"]["fits"]
+    other = tmp_path / "elsewhere"                   # the same animals, but one trial now in another tier
+    shutil.copytree(root, other)
+    name = sorted(tiny[1])[0]
+    tiers_file = other / name / "meta" / "trials" / "tiers.npy"
+    tiers = np.load(tiers_file)
+    tiers[np.flatnonzero(tiers == "train")[0]] = "oracle"
+    np.save(tiers_file, tiers)
+    assert stats_zeroshot.main([*args, "--data", str(other)]) == 2
+    assert "in the data but 'train' in the representations" in capsys.readouterr().err
+    shutil.rmtree(other / name)                      # and one animal missing
+    assert stats_zeroshot.main([*args, "--data", str(other)]) == 2
+    assert f"animal {name} is not in the data folders" in capsys.readouterr().err
+
+
+# ==================================================================================================
+# inputs and runs that cannot silently go wrong (issue 14)
+# ==================================================================================================
+
+def _one_line(capsys, *needles):
+    """The script's stderr: one `error: ` line holding every needle."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and all(n in err for n in needles), err
+    return err
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--model.neural_projector foo", "model.neural_projector is 'foo'; valid: conv, set"),
+    ("--model.kernels xyz", "model.kernels is 'xyz'; valid: auto, triton, torch"),
+    ("--run.device tpu", "run.device is 'tpu'; valid: auto, cpu, cuda"),
+    ("--data.batch_size 0", "data.batch_size is 0; must be >= 1"),
+    ("--data.batch_size -4", "data.batch_size is -4; must be >= 1"),
+    ("--data.frames 0", "data.frames is 0; must be >= 1"),
+    ("--optim.epochs 0", "optim.epochs is 0; must be >= 1"),
+    ("--optim.lr nan", "optim.lr is nan; must be finite"),
+    ("--model.temporal_kernel 4", "model.temporal_kernel is 4; must be odd"),
+    ("--data.height 20", "must be divisible by 2^(len(model.video_features) - 1) = 8"),
+    ("--model.set_slots 32", "model.set_slots must equal model.proj_neurons"),
+    ("--model.mean_norm batch --data.batch_size 1", "data.batch_size must be >= 2"),
+])
+def test_config_is_validated_before_anything_is_written(override, needle, tmp_path, capsys):
+    """Each bad value: one line, exit 2, before the data are opened (they do not exist here) or a run
+    directory is made."""
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--data", str(tmp_path / "nowhere"), "--out", str(out), *override.split()]
+    assert train.main(argv) == 2
+    _one_line(capsys, needle)
+    assert not out.exists()
+
+
+def test_every_preset_validates_and_the_choices_are_the_code_s():
+    for name in config.PRESETS:
+        config.validate(config.preset(name))
+    assert set(config.CHOICES["data.synth_preset"]) == set(data.SYNTH_PRESETS)
+    assert set(config.CHOICES["model.kernels"]) == set(kernels.BACKENDS)
+    cfg = config.preset("tiny")
+    cfg.data.frames = "8"                      # a config built in code is type-checked too
+    with pytest.raises(config.ConfigError, match=r"data.frames is '8' \(str\); must be int"):
+        config.validate(cfg)
+    with pytest.raises(ValueError, match="model.kernels is 'xyz'"):      # the model asks the same check
+        build(kernels="xyz")
+
+
+def test_one_device_choice(tiny_run, tmp_path, capsys):
+    assert config.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert config.pick_device("auto", ddp_device=torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(config.ConfigError, match="run.device is 'tpu'"):
+        config.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(config.ConfigError, match="no CUDA device"):
+            config.pick_device("cuda:0")
+    assert bench.main(["--device", "tpu"]) == 2
+    _one_line(capsys, "run.device is 'tpu'")
+    out = tmp_path / "r.h5"
+    assert extract.main(["--ckpt", str(tiny_run / "last.pt"), "--device", "tpu", "--out", str(out)]) == 2
+    _one_line(capsys, "run.device is 'tpu'")
+    assert not out.exists()
+
+
+def test_one_code_path_for_writes_devices_and_opening_data():
+    """Temp-then-rename, the device choice and opening the data from a config each live in one place."""
+    sources = {f: open(os.path.join(HERE, f)).read() for f in sorted(os.listdir(HERE))
+               if f.endswith(".py") and f != os.path.basename(__file__)}
+    for needle in ("os.replace(", "mkstemp(", '"cuda" if torch.cuda.is_available()'):
+        assert [f for f, text in sources.items() if needle in text] == ["config.py"], needle
+    for script in ("train.py", "extract.py", "bench.py", "stats_crossmodal.py", "stats_zeroshot.py"):
+        assert not any(n in sources[script] for n in ("open_mice(", "Mouse(", "find_mice(")), script
+
+
+def test_atomic_writes_leave_no_half_file_and_clear_a_killed_writer_s(tmp_path):
+    target = tmp_path / "a.bin"
+    config.write_atomic(target, b"old")
+    with pytest.raises(RuntimeError), config.atomic_path(target) as tmp:
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+    (tmp_path / f"a.bin.tmp{_dead_pid()}").write_bytes(b"left by a kill")
+    live = f"a.bin.tmp{os.getppid()}"
+    (tmp_path / live).write_bytes(b"a live writer's")
+    config.write_atomic(target, "new")
+    assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["a.bin", live]
+
+
+def test_run_directory_is_never_overwritten(tiny_run, tiny_data, tmp_path, capsys):
+    root, holdout = tiny_data
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {f: (run / f).read_bytes() for f in os.listdir(run)}
+    assert train.main(_train_args(root, holdout, run, "--run.max_steps", "1")) == 2
+    _one_line(capsys, str(run), "already holds a run", f"--resume {run}", "--restart")
+    assert {f: (run / f).read_bytes() for f in os.listdir(run)} == before
+    assert train.main(["--resume", str(run), "--restart"]) == 2
+    _one_line(capsys, "choose one")
+    # --restart moves the old run aside, whole, and starts a new one
+    assert train.main(_train_args(root, holdout, run, "--restart", "--run.max_steps", "1",
+                                  "--run.val_every", "0")) == 0
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert {f: (aside / f).read_bytes() for f in os.listdir(aside)} == before
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 1
+
+
+def test_resume_trims_metrics_and_removes_temp_files(tiny_data, tmp_path):
+    root, holdout = tiny_data
+    run = tmp_path / "run"
+    train.train(_train_args(root, holdout, run, "--run.max_steps", "2", "--run.val_every", "0"))
+    with open(run / "metrics.jsonl", "a") as f:      # killed after steps 3 and 4, before their checkpoint
+        f.write('{"step": 3, "total": 1.0}\n{"step": 4, "total": 1.0}\n{"step": 5, "to')
+    (run / f"last.pt.tmp{_dead_pid()}").write_bytes(b"half a checkpoint")
+    train.train(["--resume", str(run), "--run.max_steps", "3"])
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3]
+    _assert_run_files(run)
+
+
+def test_output_folders_are_checked_before_the_work(tiny_run, tiny_data, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    monkeypatch.setattr(extract, "encode_trial", lambda *a, **k: pytest.fail("encoded before the check"))
+    assert extract.main(["--ckpt", str(tiny_run / "last.pt"), "--out", str(blocker / "reps.h5")]) == 2
+    _one_line(capsys, str(blocker), "cannot write there")
+    reps = write(tmp_path / "reps.h5", MICE, stimulus_gain=1.0)
+    for script in (stats_zeroshot, stats_crossmodal):
+        monkeypatch.setattr(script, "analyse", lambda *a: pytest.fail("analysed before the check"))
+        assert script.main([reps, "--out", str(blocker)]) == 2
+        _one_line(capsys, str(blocker), "cannot write there")
+    root, holdout = tiny_data
+    assert train.main(_train_args(root, holdout, blocker / "run")) == 2
+    _one_line(capsys, str(blocker), "cannot write there")
+
+
+def test_pairing_cache_is_keyed_on_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    (path,) = data.write_synthetic(str(tmp_path / "c"), "tiny", seed=2, mice=TINY_TWO[:1], heldout=())
+    m = data.Mouse(path)
+    before = data.stimulus_groups([m])
+    videos = [os.path.join(path, f"data/videos/{i}.npy") for i in m.trials()]
+    for v in videos:                                   # new times, same content: the cache still holds
+        os.utime(v, ns=(10**18, 10**18))
+    monkeypatch.setattr(data, "_thumbnail", lambda v: pytest.fail("cache not used"))
+    assert data.stimulus_groups([data.Mouse(path)]) == before
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    i, j = (int(t) for t in m.trials(["train"])[:2])
+    video_j = os.path.join(path, f"data/videos/{j}.npy")
+    st = os.stat(video_j)
+    shutil.copyfile(os.path.join(path, f"data/videos/{i}.npy"), video_j)     # other content, same size
+    os.utime(video_j, ns=(st.st_atime_ns, st.st_mtime_ns))                   # and the same time
+    after = data.stimulus_groups([data.Mouse(path)])
+    assert before[(m.name, i)] != before[(m.name, j)] and after[(m.name, i)] == after[(m.name, j)]
+
+
+def test_mouse_folder_without_tiers_under_a_parent_is_an_error(broken, tmp_path, capsys):
+    m, _ = broken                                    # tmp_path/<mouse>
+    lost = tmp_path / "dynamic99999-1-1-Video-lost"
+    os.makedirs(lost / "data" / "responses")
+    tiers = str(lost / "meta" / "trials" / "tiers.npy")
+    one_line_error(lambda: data.find_mice([str(tmp_path)]), tiers, "missing", "holds a mouse's data/")
+    assert data.main(["check", str(tmp_path)]) == 2
+    _one_line(capsys, tiers)
+    assert data.find_mice([m.path]) == [m.path]
+
+
+def test_training_animal_without_train_trials_is_refused(broken, tmp_path, capsys):
+    m, _ = broken
+    tiers_file = os.path.join(m.path, "meta/trials/tiers.npy")
+    tiers = np.load(tiers_file)
+    tiers[tiers == "train"] = "final_test_bonus"
+    np.save(tiers_file, tiers)
+    out = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--data", m.path, "--out", str(out)]) == 2
+    _one_line(capsys, tiers_file, "no train-tier trials", f"--holdout {m.name}")
+    assert not out.exists()
+
+
+def test_nan_in_any_neuron_is_found_when_the_run_starts(broken, tmp_path, capsys):
+    m, _ = broken
+    i, j = (int(t) for t in m.trials(["train"])[:2])
+    path = os.path.join(m.path, f"data/responses/{i}.npy")
+    r = np.load(path)
+    r[5, 10] = np.nan
+    np.save(path, r)
+    assert data.main(["check", m.path]) == 2
+    _one_line(capsys, path, "NaN at frame 10 (neuron 5)")
+    out = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--data", m.path, "--out", str(out)]) == 2
+    _one_line(capsys, path, "NaN at frame 10 (neuron 5)")
+    assert not out.exists()
+    # a NaN in neuron 0's last valid frame is a hole in the recording, not one frame less
+    path = os.path.join(m.path, f"data/responses/{j}.npy")
+    T = data.Mouse(m.path).valid_frames(j)
+    r = np.load(path)
+    r[0, T - 1] = np.nan
+    np.save(path, r)
+    one_line_error(lambda: data.Mouse(m.path).valid_frames(j), path, f"NaN at frame {T - 1} (neuron 0)")
+
+
+def test_bad_files_are_reported_as_themselves(broken):
+    m, _ = broken
+    first, other = (int(t) for t in m.trials()[:2])
+    video = os.path.join(m.path, f"data/videos/{first}.npy")
+    good = np.load(video)
+    np.save(video, good[..., :40])                   # the first video is short: it is named, not responses
+    one_line_error(lambda: data.Mouse(m.path), video, "shape (36, 64, 40) disagrees with its siblings")
+    np.save(video, good)
+    responses = os.path.join(m.path, f"data/responses/{other}.npy")
+    with open(responses, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(4000))
+    msg = one_line_error(lambda: data.Mouse(m.path).raw(other), responses, "no .npy header")
+    assert "pickle" not in msg
+
+
+def test_checkpoint_config_that_disagrees_with_its_weights(tiny_run, tmp_path, capsys):
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    ckpt["config"]["model"]["z_channels"], ckpt["config"]["model"]["video_features"] = 4, [4, 4, 8, 4]
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    assert extract.main(["--ckpt", str(bad), "--out", str(tmp_path / "r.h5")]) == 2
+    _one_line(capsys, str(bad), "its weights do not fit its config")
+    assert train.main(["--resume", str(bad)]) == 2
+    _one_line(capsys, str(bad), "its weights do not fit its config")
+    assert os.listdir(tmp_path) == ["bad.pt"]
+
+
+def test_extract_takes_the_config_keys_that_apply_and_stats_take_none(tiny_run, tmp_path, capsys):
+    out = tmp_path / "r.h5"
+    args = ["--ckpt", str(tiny_run / "last.pt"), "--out", str(out)]
+    assert extract.main([*args, "--model.z_channels", "4"]) == 2
+    _one_line(capsys, "--model.z_channels does not apply", "--data.height")
+    assert extract.main([*args, "--tiers", "oracle", "--data.height", "16", "--data.width", "32"]) == 0
+    capsys.readouterr()
+    trials, attrs = data.read_representations(str(out))
+    assert json.loads(attrs["config"])["data"]["height"] == 16 and {t.tier for t in trials} == {"oracle"}
+    for script in (stats_zeroshot, stats_crossmodal):
+        assert script.main([str(out), "--data.frames", "8"]) == 2
+        _one_line(capsys, "--data.frames does not apply")
+
+
+# ==================================================================================================
+# gpu suite (bench.py --gpu-suite): CPU-side parts
+# ==================================================================================================
+
+def test_gpu_suite_without_cuda_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    args, _ = bench.parse_args(["--gpu-suite", "--json", "x.json"])
+    assert args.gpu_suite and args.json == "x.json"
+    assert bench.parse_args(["--json"])[0].json == "-" and bench.parse_args([])[0].json is None
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA, even on a GPU machine
+    command = [sys.executable, os.path.abspath(bench.__file__), "--gpu-suite", "--json", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --gpu-suite needs a CUDA device")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("op", ["fuse_sample_kl", "match_loss"])
+def test_gpu_suite_kernel_checks_on_cpu(op, monkeypatch):
+    """The suite's kernel checks at tiny sizes in the Triton interpreter; a wrong reference fails them."""
+    cases = [(2, 5, torch.float32, "random"), (2, 5, torch.bfloat16, "random"),
+             (2, 20, torch.float32, "extreme"), (1, 3, torch.float64, "random")]
+    for case in cases:
+        row = bench.check_kernel(op, *case)
+        assert row["ok"] and row["max_rel_err"] <= bench.KERNEL_RTOL[case[2]], row
+        assert row["name"] == bench.case_name(op, *case) and not bench.validate_report(
+            bench.build_report("cpu", [row], [], [], 0.0))
+    assert row["gradcheck"] is True
+    ref_fn, *rest = bench.OPS[op]
+
+    def off_by_1e3(*x):  # every output 0.1 % off: 5e-4 by compare's measure, above fp32's 1e-4
+        outs = ref_fn(*x)
+        return tuple(o * 1.001 for o in outs) if isinstance(outs, tuple) else outs * 1.001
+
+    monkeypatch.setitem(bench.OPS, op, (off_by_1e3, *rest))
+    row = bench.check_kernel(op, 2, 5)
+    assert not row["ok"] and 4e-4 < row["max_rel_err"] < 6e-4
+
+
+def test_gpu_suite_compare_measures_relative_error_with_a_floor():
+    e = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
+    row = bench.compare([("a", e + torch.tensor([0.0, 3e-4, 1e-4], dtype=torch.float64), e)], rtol=1e-4)
+    assert row["max_rel_err"] == pytest.approx(3e-4 / 4) and row["worst"] == "a" and row["ok"]
+    assert row["max_abs_err"] == pytest.approx(3e-4)
+    row = bench.compare([("a", e, e), ("b", e * (1 + 1e-3), e)], rtol=1e-4)
+    assert not row["ok"] and row["worst"] == "b"
+    row = bench.compare([("a", e, e), ("b", e * float("nan"), e)], rtol=1e-4)
+    assert not row["ok"] and row["worst"] == "b" and row["max_rel_err"] is None
+
+
+def test_gpu_suite_model_step_check_on_cpu():
+    """Triton (interpreter) vs torch kernels in one bf16 step of the tiny preset: both rows pass."""
+    loss, grads = bench.check_model_step("cpu", preset="tiny", neurons=10, batch=2, frames=8)
+    assert loss["ok"] and grads["ok"], (loss, grads)
+    assert loss["name"].endswith(": loss") and loss["max_rel_err"] < bench.MODEL_LOSS_RTOL
+    assert 0.99 < grads["cosine"] <= 1 + 1e-9 and 0 < grads["max_rel_err"] < grads["bf16_vs_fp32_rel_err"]
+
+
+def test_gpu_suite_peak_bandwidth_and_timing_rows():
+    assert bench.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert bench.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert bench.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert bench.peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.0e12
+    assert bench.peak_bandwidth("NVIDIA A100-PCIE-40GB") == 1.55e12
+    assert bench.peak_bandwidth("NVIDIA GH200 480GB") is None and bench.peak_bandwidth("Tesla T4") is None
+    row = bench.timing_row("fuse_sample_kl", 256, 512, 2e-3, None, 1e-4, 4.8e12)
+    moved = (12 + 16) * 256 * 512 * 4
+    assert row["speedup_vs_eager"] == pytest.approx(20) and row["compiled_ms"] is None
+    assert row["bandwidth_fraction"] == pytest.approx(moved / 1e-4 / 4.8e12)
+    assert bench.timing_row("match_loss", 32, 512, 1e-3, 5e-4, 1e-3, None)["bandwidth_fraction"] is None
+
+
+def test_gpu_suite_largest_batch_stops_at_oom_and_at_the_deadline():
+    tried = []
+
+    def step(batch):
+        tried.append(batch)
+        if batch > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"s": 0.1 * batch}
+
+    far = bench.time.monotonic() + 60
+    assert bench.largest_batch(step, bench.CAPACITY_BATCHES, far) == (8, {"s": 0.8}, False)
+    assert tried == [1, 2, 4, 8, 16]
+    assert bench.largest_batch(step, bench.CAPACITY_BATCHES, bench.time.monotonic() - 1) == (None, None, True)
+
+
+def _gpu_suite_report(ok=True):
+    checks = [{"name": "fuse_sample_kl float32 B=2 D=5", "ok": True, "max_abs_err": 1e-6, "max_rel_err": 1e-7,
+               "worst": "z_p"},
+              {"name": "paper step: gradients", "ok": ok, "max_abs_err": 0.5, "max_rel_err": 1e-2,
+               "cosine": 0.9999, "bf16_vs_fp32_rel_err": 0.07},
+              bench.failed_check("kernel timings", RuntimeError("no C compiler\nsecond line"))]
+    checks[-1]["ok"] = ok  # a report that passes, or one with failures
+    timings = [bench.timing_row("match_loss", 32, 512, 1e-3, 5e-4, 2e-4, None)]
+    capacity = [{"mode": "default", "max_batch": 32, "windows_per_s": 40.0},
+                {"mode": "published", "max_batch": None, "windows_per_s": None, "note": bench.PUBLISHED_NOTE}]
+    return bench.build_report("NVIDIA H200", checks, timings, capacity, 12.5)
+
+
+def test_gpu_suite_report_schema_accepts_good_and_rejects_malformed():
+    for ok in (True, False):
+        report = _gpu_suite_report(ok)
+        assert report["ok"] is ok and bench.validate_report(report) == []
+        assert json.loads(json.dumps(report, allow_nan=False)) == report
+    bad = [
+        lambda r: r.pop("triton"),
+        lambda r: r.update(ok=not r["ok"]),                                  # disagrees with the checks
+        lambda r: r.update(checks=[]),
+        lambda r: r["checks"][0].update(max_rel_err=float("nan")),
+        lambda r: r["checks"][0].update(ok="yes"),
+        lambda r: r["timings"][0].update(B=True),                            # a bool is not an int
+        lambda r: r["timings"][0].pop("bandwidth_fraction"),
+        lambda r: r["capacity"].append("default"),
+        lambda r: r.update(elapsed_s=None),
+    ]
+    for damage in bad:
+        report = _gpu_suite_report()
+        damage(report)
+        assert bench.validate_report(report), damage
+
+
+def test_gpu_suite_table_prints_every_check():
+    report = _gpu_suite_report(ok=False)
+    table = bench.format_report(report)
+    for check in report["checks"]:
+        assert check["name"] in table
+    assert "RuntimeError: no C compiler" in table and "second line" not in table  # one line per check
+    assert "FAILED: 2 of 3 checks" in table and "not implemented" in table and "NVIDIA H200" in table
+    assert "ok: all 3 checks passed" in bench.format_report(_gpu_suite_report(ok=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_suite_checks_pass_on_cuda():
+    """The suite's checks (not its timings or capacity search) on the device."""
+    device = torch.device("cuda")
+    rows = [bench.check_kernel(op, *case, device=device) for op in bench.OPS for case in bench.KERNEL_CASES]
+    rows += bench.check_model_step(device)
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
