@@ -281,6 +281,12 @@ class Mouse:
     def __repr__(self) -> str:
         return f"Mouse({self.name!r}, {self.n_neurons} neurons, {len(self._trials)} trials)"
 
+    def coords_tensor(self, device=None) -> torch.Tensor | None:
+        """Cortical coordinates (N, 3) float32 on `device`, or None when the folder has none."""
+        if self.coords is None:
+            return None
+        return torch.as_tensor(self.coords, dtype=torch.float32, device=device)
+
     def _file(self, rel: str) -> str:
         return os.path.join(self.path, rel)
 
@@ -1032,21 +1038,31 @@ def _print_report(mice: list[Mouse], report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="data.py", description="Sensorium 2023 data: synthetic writer, checker.")
+    import nwb  # here, not at the top: nwb imports this module (DataError)
+
+    p = argparse.ArgumentParser(prog="data.py", description="Sensorium 2023 and NWB monkey data: synthetic "
+                                "writer, checker.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a synthetic dataset in the Sensorium format")
+    s = sub.add_parser("synth", help="write a synthetic dataset: Sensorium format (monkey: NWB)")
     s.add_argument("out", help="new (or empty) folder to write")
-    s.add_argument("--preset", default="demo", choices=list(SYNTH_PRESETS))
+    s.add_argument("--preset", default="demo", choices=[*SYNTH_PRESETS, *nwb.NWB_SYNTH_PRESETS])
     s.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("check", help="describe mouse folders and the videos they share")
-    c.add_argument("dirs", nargs="+", help="mouse folders or folders holding them")
+    c = sub.add_parser("check", help="describe mouse folders and the videos they share, or NWB files")
+    c.add_argument("dirs", nargs="+", help="mouse folders or folders holding them, or .nwb files / folders")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
     try:
         if args.command == "synth":
-            for path in write_synthetic(args.out, args.preset, args.seed):
+            writer = nwb.write_synthetic_nwb if args.preset in nwb.NWB_SYNTH_PRESETS else write_synthetic
+            for path in writer(args.out, args.preset, args.seed):
                 print(path)
             print(os.path.join(args.out, TRUTH_DIR))
+        elif nwb.is_nwb_input(args.dirs):
+            report = nwb.describe([nwb.open_session(f) for f in nwb.find_nwb(args.dirs)])
+            if args.json:
+                print(json.dumps(report))
+            else:
+                nwb.print_report(report)
         else:
             mice = open_mice(args.dirs)
             report = describe(mice, stimulus_groups(mice))
@@ -1054,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(report))
             else:
                 _print_report(mice, report)
-    except DataError as e:
+    except (DataError, nwb.DataError) as e:  # differ when run as a script: nwb imports `data`, not __main__
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

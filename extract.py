@@ -46,12 +46,13 @@ def file_digest(path: str) -> str:
 
 
 @torch.no_grad()
-def encode_trial(model, mouse, trial: int, frames: int, device) -> dict:
-    """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32."""
+def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None) -> dict:
+    """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32.
+    x_stats: the animal's PNBA.neural_statistics."""
     w = data.eval_windows(mouse, trial, frames)
     video = w["video"].to(device) if w.get("video") is not None else None
-    coords = None if mouse.coords is None else torch.as_tensor(mouse.coords, dtype=torch.float32).to(device)
-    g = model.encode(w["responses"].to(device), video, coords=coords)
+    g = model.encode(w["responses"].to(device), video, coords=mouse.coords_tensor(device),
+                     x_stats=x_stats)
     keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
     out = {}
     for name in data.REPS_ARRAYS:
@@ -103,8 +104,12 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
 
     reps = []
     t0 = time.time()
+    # mean_norm "batch": each animal's neural means are standardised with its own statistics (pnba)
+    x_stats = {m.name: model.neural_statistics(
+        (data.eval_windows(m, i, cfg.data.frames)["responses"].to(dev) for a, i in jobs if a is m),
+        coords=m.coords_tensor(dev)) for m in mice if any(a is m for a, _ in jobs)}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
-        arrays = encode_trial(model, m, i, cfg.data.frames, dev)
+        arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
         reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1),
                                   m.valid_frames(i), m.name not in ckpt["neuron_counts"], arrays))
     rate = len(jobs) / (time.time() - t0)

@@ -687,36 +687,75 @@ class PNBA(nn.Module):
                 norm(torch.zeros(1, self.cfg.z_channels * self.latent_neurons * frames))
                 norm.train(was_training)
 
-    def _normalised_mean(self, mu, norm):
-        """mu (B, C, n, T) through BatchNorm over the windows per (latent element, frame), if configured."""
+    def _normalised_mean(self, mu, norm, stats=None):
+        """mu (B, C, n, T) through BatchNorm over the windows per (latent element, frame), if configured:
+        batch statistics in training, `stats` (mean, var), each (C, n, T), in evaluation when given, else
+        the running statistics."""
         if not hasattr(self, norm):
             return mu
+        if stats is not None and not self.training:
+            mean, var = stats
+            return (mu - mean) * torch.rsqrt(var + getattr(self, norm).eps)
         return getattr(self, norm)(mu.flatten(1)).view_as(mu)
 
-    def _encode_modalities(self, responses, video, coords):
+    def _neural_head(self, responses, coords):
+        h = self.neural_encoder(maybe_checkpoint(self.cfg.checkpointing, self.neural_projector,
+                                                 responses, coords))
+        return self.mu_x_head(h), self.logvar_x_head(h)
+
+    @torch.no_grad()
+    def neural_statistics(self, windows, coords=None):
+        """Mean and variance over all `windows` (an iterable of (W, T, N) responses of one animal) of the
+        neural mean before mean_norm "batch": (mean, var), each (C, n, T); None without mean_norm.
+
+        In training every batch holds one animal, so BatchNorm standardises mu_x with that animal's own
+        statistics; its running statistics average over animals, and an animal's offset from that average
+        is never penalised, so it drifts. Evaluation therefore standardises each animal with its own
+        statistics too (encode(..., x_stats=...)): unsupervised, so a new animal's come from its own
+        responses, and extraction stays per trial and deterministic."""
+        if self.cfg.mean_norm != "batch":
+            return None
+        was_training = self.training
+        self.train(False)
+        total = total_sq = None
+        count = 0
+        try:
+            for responses in windows:
+                mu = self._neural_head(responses, coords)[0].double()
+                total = mu.sum(0) if total is None else total + mu.sum(0)
+                total_sq = mu.pow(2).sum(0) if total_sq is None else total_sq + mu.pow(2).sum(0)
+                count += len(mu)
+        finally:
+            self.train(was_training)
+        if count == 0:
+            raise ValueError("neural_statistics needs at least one window")
+        mean = total / count
+        return mean.float(), (total_sq / count - mean.pow(2)).clamp_min(0).float()
+
+    def _encode_modalities(self, responses, video, coords, x_stats=None):
         mu_x = logvar_x = mu_y = logvar_y = None
         if responses is not None:
-            h = self.neural_encoder(maybe_checkpoint(self.cfg.checkpointing, self.neural_projector,
-                                                     responses, coords))
-            mu_x, logvar_x = self._normalised_mean(self.mu_x_head(h), "mu_x_norm"), self.logvar_x_head(h)
+            mu_x, logvar_x = self._neural_head(responses, coords)
+            mu_x = self._normalised_mean(mu_x, "mu_x_norm", x_stats)
         if video is not None:
             v = self._video_to_neural(self.video_encoder(video))
             mu_y, logvar_y = self._normalised_mean(self.mu_y_head(v), "mu_y_norm"), self.logvar_y_head(v)
         return mu_x, logvar_x, mu_y, logvar_y
 
-    def encode(self, responses=None, video=None, coords=None) -> Gaussians:
+    def encode(self, responses=None, video=None, coords=None, x_stats=None) -> Gaussians:
         """Distribution parameters, no sampling and no dropout (deterministic in train and eval mode).
 
         responses (B, T, N) with any N (a new animal needs no retraining), video (B, 1, T, H, W), coords
         (N, 3) or (B, N, 3) cortical positions (used by the "set" projector with use_coords). Either
-        modality may be None.
+        modality may be None. x_stats: the animal's neural_statistics, for mean_norm "batch" (without
+        them the running statistics are used, which do not fit any one animal exactly).
         """
         if responses is None and video is None:
             raise ValueError("encode needs responses, video or both")
         was_training = self.training
         self.train(False)
         try:
-            mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(responses, video, coords)
+            mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(responses, video, coords, x_stats)
         finally:
             self.train(was_training)
         if mu_x is None:

@@ -191,19 +191,22 @@ def test_trial_shape_disagrees_with_siblings(broken):
     one_line_error(lambda: data.Mouse(m.path).raw(i), f"data/videos/{i}.npy", "siblings")
 
 
+def put_nan(m, key, trial, index) -> str:
+    """Write a NaN at `index` of data/<key>/<trial>.npy of mouse m; returns the file's path."""
+    path = os.path.join(m.path, f"data/{key}/{trial}.npy")
+    a = np.load(path)
+    a[index] = np.nan
+    np.save(path, a)
+    return path
+
+
 def test_nan_inside_the_valid_window(broken):
     m, _ = broken
     i, j = (int(t) for t in m.trials(["train"])[:2])
-    path = os.path.join(m.path, f"data/responses/{i}.npy")
-    r = np.load(path)
-    r[3, 10] = np.nan
-    np.save(path, r)
+    path = put_nan(m, "responses", i, (3, 10))
     one_line_error(lambda: data.Mouse(m.path).raw(i), path, "NaN at frame 10")
     one_line_error(lambda: data.Mouse(m.path).normalised(i, 8, 16), path, "NaN at frame 10")
-    path = os.path.join(m.path, f"data/videos/{j}.npy")
-    v = np.load(path)
-    v[0, 0, 5] = np.nan                                      # a hole in the trace used to find the padding
-    np.save(path, v)
+    path = put_nan(m, "videos", j, (0, 0, 5))                 # a hole in the trace used to find the padding
     one_line_error(lambda: data.Mouse(m.path).valid_frames(j), path, "NaN at frame 5")
 
 
@@ -1740,10 +1743,12 @@ def test_model_receives_the_configured_video_size(tiny_data, tmp_path, monkeypat
 
 
 def test_resume_is_exact(tiny_data, tmp_path):
-    """2k steps straight == k steps, stop, resume for k more: identical parameters."""
+    """2k steps straight == k steps, stop, resume for k more: identical parameters. The straight run also
+    validates every epoch and the split one never: validation must not touch the training state."""
     root, holdout = tiny_data
     train.train(_train_args(root, holdout, tmp_path / "straight", "--run.max_steps", "6"))
-    train.train(_train_args(root, holdout, tmp_path / "split", "--run.max_steps", "3"))
+    no_val = ("--run.val_every", "0")
+    train.train(_train_args(root, holdout, tmp_path / "split", "--run.max_steps", "3", *no_val))
     train.train(["--resume", str(tmp_path / "split"), "--run.max_steps", "6"])
     a, b = _params(tmp_path / "straight" / "last.pt"), _params(tmp_path / "split" / "last.pt")
     assert a.keys() == b.keys()
@@ -1780,7 +1785,8 @@ def test_non_finite_loss_is_skipped(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pnba.PNBA, "forward", nan_on_second_call)
     with pytest.warns(UserWarning, match="non-finite loss"):
-        train.train(_train_args(root, holdout, tmp_path / "a", "--run.max_steps", "2"))
+        train.train(_train_args(root, holdout, tmp_path / "a", "--run.max_steps", "2",
+                                "--run.val_every", "0"))
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"] == 2
     assert len(calls) == 3          # one skipped batch, two steps taken
 
@@ -1795,7 +1801,8 @@ def test_repeated_non_finite_loss_aborts(tiny_data, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(pnba.PNBA, "forward", always_nan)
     with pytest.warns(UserWarning):
-        code = train.main(_train_args(root, holdout, tmp_path / "a", "--optim.max_nonfinite", "3"))
+        code = train.main(_train_args(root, holdout, tmp_path / "a", "--optim.max_nonfinite", "3",
+                                      "--run.val_every", "0"))
     assert code == 2 and "3 non-finite losses in a row" in capsys.readouterr().err
 
 
@@ -2299,10 +2306,7 @@ def test_training_animal_without_train_trials_is_refused(broken, tmp_path, capsy
 def test_nan_in_any_neuron_is_found_when_the_run_starts(broken, tmp_path, capsys):
     m, _ = broken
     i, j = (int(t) for t in m.trials(["train"])[:2])
-    path = os.path.join(m.path, f"data/responses/{i}.npy")
-    r = np.load(path)
-    r[5, 10] = np.nan
-    np.save(path, r)
+    path = put_nan(m, "responses", i, (5, 10))
     assert data.main(["check", m.path]) == 2
     _one_line(capsys, path, "NaN at frame 10 (neuron 5)")
     out = tmp_path / "run"
@@ -2310,11 +2314,8 @@ def test_nan_in_any_neuron_is_found_when_the_run_starts(broken, tmp_path, capsys
     _one_line(capsys, path, "NaN at frame 10 (neuron 5)")
     assert not out.exists()
     # a NaN in neuron 0's last valid frame is a hole in the recording, not one frame less
-    path = os.path.join(m.path, f"data/responses/{j}.npy")
     T = data.Mouse(m.path).valid_frames(j)
-    r = np.load(path)
-    r[0, T - 1] = np.nan
-    np.save(path, r)
+    path = put_nan(m, "responses", j, (0, T - 1))
     one_line_error(lambda: data.Mouse(m.path).valid_frames(j), path, f"NaN at frame {T - 1} (neuron 0)")
 
 
@@ -2499,3 +2500,225 @@ def test_gpu_suite_checks_pass_on_cuda():
     rows = [bench.check_kernel(op, *case, device=device) for op in bench.OPS for case in bench.KERNEL_CASES]
     rows += bench.check_model_step(device)
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# NWB reader and synthetic monkey data (issue 11, part 1)
+# ---------------------------------------------------------------------------------------------
+
+import nwb  # noqa: E402  (this section is appended; the module is the NWB data layer)
+
+
+@pytest.fixture(scope="session")
+def monkeys(tmp_path_factory):
+    """The default synthetic monkey set, written once through the CLI: (root, files, config, truth arrays)."""
+    root = tmp_path_factory.mktemp("nwb") / "monkeys"
+    assert data.main(["synth", str(root), "--preset", "monkey"]) == 0
+    files = sorted(str(p) for p in root.rglob("*.nwb"))
+    with open(root / data.TRUTH_DIR / "config.json") as f:
+        cfg = json.load(f)
+    with np.load(root / data.TRUTH_DIR / "truth.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return root, files, cfg, arrays
+
+
+def _rel(root, path):
+    return os.path.relpath(path, root)
+
+
+def _label(layout, c):
+    return f"target{c}" if layout == "688" else f"maze{c + 1}.0"
+
+
+def test_nwb_synthetic_set_layouts_sidecar_and_same_bytes(monkeys, tmp_path):
+    root, files, cfg, arrays = monkeys
+    assert cfg["train"] == ["C", "J"] and cfg["heldout"] == ["M"] and cfg["control"] == ["T"]
+    assert len(files) == 8 and arrays["latent"].shape[:2] == (8, nwb.LATENT_K)
+    with h5py.File(cfg_file := files[0]) as f688, h5py.File(files[2]) as fmaze:   # C (000688), J (MC_Maze)
+        assert "processing/behavior/Velocity/cursor_vel/data" in f688 and "move_onset_time" not in f688[
+            "intervals/trials"]
+        assert "processing/behavior/hand_vel/timestamps" in fmaze and "starting_time" in fmaze[
+            "processing/behavior/hand_pos"]
+    assert _rel(root, cfg_file) in cfg["files"]
+    small = dict(monkeys=(("A", "688", 12, ("M1", "PMd"), "train"), ("B", "maze", 9, ("M1",), "control")),
+                 sessions=1, trials=12)
+    a = nwb.write_synthetic_nwb(str(tmp_path / "a"), seed=3, **small)
+    b = nwb.write_synthetic_nwb(str(tmp_path / "b"), seed=3, **small)
+    for x, y in zip(a + [str(tmp_path / "a" / data.TRUTH_DIR / "truth.npz")],
+                    b + [str(tmp_path / "b" / data.TRUTH_DIR / "truth.npz")], strict=True):
+        assert open(x, "rb").read() == open(y, "rb").read()
+    with pytest.raises(data.DataError, match="not an empty folder"):
+        nwb.write_synthetic_nwb(str(tmp_path / "a"), **small)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".synth-")]   # nothing half-written
+
+
+def test_nwb_round_trip_conditions_and_spike_counts(monkeys):
+    root, files, cfg, arrays = monkeys
+    for path in files:
+        s = nwb.open_session(path)
+        rel = _rel(root, path)
+        truth = arrays[f"{rel}/condition"][s.trial]
+        assert list(s.condition) == [_label(s.layout, c) for c in truth]
+        assert s.spikes.shape == (len(s.trial), 35, len(s.unit_ids)) and s.spikes.dtype == np.float32
+        with h5py.File(path) as f:
+            ends = f["units/spike_times_index"][()]
+            st = f["units/spike_times"][()]
+        for u in (0, 5, len(ends) - 1):
+            spikes = st[(ends[u - 1] if u else 0):ends[u]]
+            for k in (0, len(s.trial) // 2, len(s.trial) - 1):
+                edges = s.onset[k] - 0.25 + np.arange(36) * 0.02
+                got = s.spikes[k, :, u]
+                want = np.histogram(spikes, edges)[0]
+                assert np.array_equal(got[np.isfinite(got)], want[np.isfinite(got)])
+
+
+def test_nwb_behaviour_is_a_bin_average_with_conversion_both_layouts(monkeys):
+    root, files, cfg, arrays = monkeys
+    for path, vel_path, pos_path, times_path in (
+            (files[0], "Velocity/cursor_vel", "Position/cursor_pos", "Position/cursor_pos/timestamps"),
+            (files[2], "hand_vel", "hand_pos", "hand_vel/timestamps")):
+        s = nwb.open_session(path, position=True)
+        with h5py.File(path) as f:
+            g = f["processing/behavior"]
+            t = g[times_path][()]
+            vd, pd = g[f"{vel_path}/data"], g[f"{pos_path}/data"]
+            vel = vd[()] * vd.attrs["conversion"] + vd.attrs.get("offset", 0.0)
+            pos = pd[()] * pd.attrs["conversion"] + pd.attrs.get("offset", 0.0)
+            assert s.behaviour_unit == vd.attrs["unit"] == "mm/s"
+        for k in (0, len(s.trial) - 1):
+            edges = s.onset[k] - 0.25 + np.arange(36) * 0.02     # as the reader: samples may sit on edges
+            for b in (0, 17, 34):
+                inside = (t >= edges[b]) & (t < edges[b + 1])
+                np.testing.assert_allclose(s.velocity[k, b], vel[inside].mean(0), rtol=1e-5, atol=1e-3)
+                np.testing.assert_allclose(s.position[k, b], pos[inside].mean(0), rtol=1e-5, atol=1e-3)
+        assert np.abs(s.velocity).max() > 300                                   # mm/s: conversion applied
+
+
+def test_nwb_movement_onset_from_column_or_computed_from_speed(monkeys):
+    root, files, cfg, arrays = monkeys
+    for path in files:
+        s = nwb.open_session(path)
+        err = s.onset - arrays[f"{_rel(root, path)}/onset"][s.trial]
+        if s.layout == "maze":
+            assert np.array_equal(err, np.zeros_like(err))
+        else:                        # ONSET_RISE lags a bell-shaped reach by ~25 ms: within two 20 ms bins
+            assert np.all(np.abs(err) <= 0.040), np.abs(err).max()
+
+
+def test_nwb_failed_trials_filtered_and_windows_outside_dropped(monkeys):
+    root, files, cfg, arrays = monkeys
+    for path in files[:3]:
+        s = nwb.open_session(path)
+        success = arrays[f"{_rel(root, path)}/success"]
+        assert s.dropped["failed"] == (~success).sum() > 0 and success[s.trial].all()
+        wide = nwb.open_session(path, window_ms=(-3000, 450))          # the first trials start ~1 s in
+        assert wide.dropped["outside"] > 0 and len(wide.trial) + wide.dropped["outside"] == len(s.trial)
+    with h5py.File(files[0]) as f:
+        assert set(f["intervals/trials/result"].asstr()[()]) == {"R", "A", "F"}
+
+
+def test_nwb_area_restriction(monkeys):
+    root, files, cfg, arrays = monkeys
+    s = nwb.open_session(files[0])
+    m1, pmd = nwb.open_session(files[0], area="M1"), nwb.open_session(files[0], area="PMd")
+    assert set(m1.areas) == {"M1"} and set(pmd.areas) == {"PMd"}
+    assert m1.spikes.shape[2] + pmd.spikes.shape[2] == s.spikes.shape[2] == 90
+    np.testing.assert_array_equal(m1.spikes, s.spikes[..., s.areas == "M1"])
+    only_m1 = next(p for p in files if "sub-M_" in p)
+    with pytest.raises(data.DataError, match="electrodes: no PMd units"):
+        nwb.open_session(only_m1, area="PMd")
+
+
+def test_nwb_unobserved_units_are_nan_not_zero(monkeys):
+    root, files, cfg, arrays = monkeys
+    for path in files[:3]:
+        s = nwb.open_session(path)
+        partial = arrays[f"{_rel(root, path)}/partial_units"]
+        with h5py.File(path) as f:
+            end = f["units/obs_intervals"][()][partial, 1]
+        late = s.onset[:, None] + 0.45 > end[None]                                # (trials, partial units)
+        assert late.any() and (~late).any()
+        assert np.isnan(s.spikes[..., partial]).any(1)[late].all()
+        assert np.isfinite(s.spikes[..., partial]).all(1)[~(s.onset[:, None] - 0.25 + 0.7 > end[None])].all()
+        others = np.setdiff1d(np.arange(s.spikes.shape[2]), partial)
+        assert s.observed[..., others].all()
+
+
+def _velocity_ridge_r2(s, lead=3, lam=10.0):
+    """Cross-validated (half the trials) ridge from binned spikes to velocity `lead` bins later: mean R²."""
+    x, y = np.nan_to_num(s.spikes[:, :-lead]), s.velocity[:, lead:]
+    half = len(x) // 2
+    X = np.c_[x.reshape(-1, x.shape[2]), np.ones(x.shape[0] * x.shape[1])]
+    Y, n = y.reshape(-1, 2), half * x.shape[1]
+    W = np.linalg.solve(X[:n].T @ X[:n] + lam * np.eye(X.shape[1]), X[:n].T @ Y[:n])
+    resid = ((Y[n:] - X[n:] @ W) ** 2).sum(0) / ((Y[n:] - Y[n:].mean(0)) ** 2).sum(0)
+    return float(np.mean(1 - resid))
+
+
+def test_nwb_monkey_spikes_decode_velocity_but_the_control_does_not(monkeys):
+    root, files, cfg, arrays = monkeys
+    for path in files:
+        monkey = _rel(root, path).split("/")[0].removeprefix("sub-")
+        r2 = _velocity_ridge_r2(nwb.open_session(path))
+        assert (r2 < 0.1) if monkey in cfg["control"] else (r2 > 0.5), (path, r2)
+
+
+def _damaged(src, dst, delete=None, truncate=False):
+    shutil.copy(src, dst)
+    if truncate:
+        with open(dst, "r+b") as f:
+            f.truncate(os.path.getsize(src) // 2)
+    if delete:
+        with h5py.File(dst, "r+") as f:
+            del f[delete]
+    return str(dst)
+
+
+def test_nwb_bad_files_give_one_line_errors_naming_file_and_path(monkeys, tmp_path):
+    root, files, cfg, arrays = monkeys
+    (tmp_path / "text.nwb").write_text("not hdf5")
+    cases = [
+        (str(tmp_path / "missing.nwb"), "no such file"),
+        (str(tmp_path / "text.nwb"), "not a readable HDF5 file"),
+        (_damaged(files[0], tmp_path / "trunc.nwb", truncate=True), "trunc.nwb: "),
+        (_damaged(files[0], tmp_path / "nospikes.nwb", delete="units/spike_times"),
+         "/units/spike_times: missing"),
+        (_damaged(files[2], tmp_path / "notrials.nwb", delete="intervals/trials"),
+         "/intervals/trials: missing"),
+        (_damaged(files[0], tmp_path / "novel.nwb", delete="processing/behavior/Velocity"),
+         "/processing/behavior: no hand or cursor velocity"),
+        (_damaged(files[0], tmp_path / "nogo.nwb", delete="intervals/trials/go_cue_time"), "go_cue_time"),
+    ]
+    for path, message in cases:
+        with pytest.raises(data.DataError) as e:
+            nwb.open_session(path)
+        text = str(e.value)
+        assert text.startswith(path) and message in text and "\n" not in text, text
+
+
+def test_nwb_cli_check_reports_and_exit_codes(monkeys, tmp_path, capsys):
+    root, files, cfg, arrays = monkeys
+    assert data.main(["check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "monkey C: 2 session(s)" in out and "units M1 45, PMd 45" in out and "dropped: failed" in out
+    assert data.main(["check", files[0], files[2], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    j1 = report["monkeys"]["J"]["J-session1"]
+    assert sorted(report["monkeys"]) == ["C", "J"] and sum(j1["conditions"].values()) == j1["trials"]
+    bad = _damaged(files[0], tmp_path / "novel.nwb", delete="processing/behavior/Velocity")
+    assert data.main(["check", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "novel.nwb: /processing/behavior" in err
+    p = subprocess.run([sys.executable, "data.py", "check", bad], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(data.__file__)))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no hand or cursor velocity" in p.stderr
+
+
+def test_nwb_bin_average_skips_nan_and_interpolates_empty_bins():
+    t = np.arange(10) * 0.1                           # 10 Hz behaviour, 50 ms bins: every other bin empty
+    d = np.c_[np.arange(10.0), np.arange(10.0)]
+    d[2, 1] = np.nan
+    edges = np.array([[0.0, 0.05, 0.1, 0.15, 0.2, 0.25]])
+    out = nwb._bin_average(t, d, edges)
+    np.testing.assert_allclose(out[0, :, 0], [0, 0.75, 1, 1.75, 2])
+    np.testing.assert_allclose(out[0, :, 1], [0, 0.75, 1, 1.75, 2.25])   # the NaN at 0.2 s is skipped

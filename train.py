@@ -346,12 +346,14 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
     video_cache = {}                    # stimulus id -> (windows Gaussians, per-frame mu_y, logvar_y)
     reps, per_animal = {}, {}
     for m in train_mice + heldout_mice:
-        trained, coords = m in train_mice, _coords(m, device)
+        trained, coords = m in train_mice, m.coords_tensor(device)
         reps[m.name], predictions, fused, targets = [], [], [], []
+        x_stats = model.neural_statistics((data.eval_windows(m, i, frames)["responses"].to(device)
+                                           for i in vset.trials[m.name]), coords=coords)
         for i in vset.trials[m.name]:
             w = data.eval_windows(m, i, frames)
             keep, s = w["keep"].reshape(-1), vset.stimulus[(m.name, i)]
-            gx = model.encode(w["responses"].to(device), None, coords=coords)
+            gx = model.encode(w["responses"].to(device), None, coords=coords, x_stats=x_stats)
             if s not in video_cache:
                 gy = model.encode(None, w["video"].to(device))
                 video_cache[s] = (gy, _per_frame(gy.mu_y, keep).cpu().numpy(),
@@ -419,10 +421,6 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
         "identification_chance": _mean(per_animal[m.name]["identification_chance"] for m in train_mice),
         "zeroshot": zeroshot,
         "latent_corr": pnba.between_trial_corr(first_windows), "per_animal": per_animal}
-
-
-def _coords(mouse, device):
-    return None if mouse.coords is None else torch.as_tensor(mouse.coords, dtype=torch.float32, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -556,7 +554,7 @@ def train(argv=None):
                 mouse = next(m for m in train_mice if m.name == batch["mouse"])
                 with amp:
                     out = model(batch["responses"], batch["video"], batch["mouse"],
-                                coords=_coords(mouse, device), align_scale=align_scale(cfg, step))
+                                coords=mouse.coords_tensor(device), align_scale=align_scale(cfg, step))
                 loss = out.losses.total
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:  # every rank must skip together, or DDP hangs in backward

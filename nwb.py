@@ -1,0 +1,544 @@
+"""Monkey motor cortex from NWB files with plain h5py: a reader for both layouts of docs/data_formats.md §4
+(DANDI 000688 Perich & Miller centre-out, NLB MC_Maze 000128/000138) and a synthetic writer in exactly those
+HDF5 paths, from a known shared latent per reach direction.
+
+Data layer only: imports numpy, scipy, h5py and data (DataError, the truth-sidecar helpers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from data import TRUTH_DIR, DataError, _save_npz
+
+BEHAVIOR = "/processing/behavior"
+# (velocity, position) per layout; a velocity series without a time base takes its position's (000688)
+LAYOUTS = {"maze": (f"{BEHAVIOR}/hand_vel", f"{BEHAVIOR}/hand_pos"),
+           "688": (f"{BEHAVIOR}/Velocity/cursor_vel", f"{BEHAVIOR}/Position/cursor_pos")}
+ELECTRODES = "/general/extracellular_ephys/electrodes"
+TRIALS = "/intervals/trials"
+# Movement onset where the file has none (000688): pyaldata-style threshold on peak-normalised speed. The
+# speed must first exceed ONSET_DETECT x its peak (go cue -> trial end; robust to rest jitter); onset is
+# where it last rose through ONSET_RISE x peak before that. For a bell-shaped reach of duration D this
+# lags the true start by ~0.09 D (about 25 ms for a 300 ms reach).
+ONSET_DETECT, ONSET_RISE = 0.5, 0.1
+
+
+@dataclass
+class Session:
+    """One NWB file cut into successful trials aligned on movement onset.
+
+    spikes (trials, bins, units) float32 counts, NaN where the unit was not observed (obs_intervals);
+    velocity / position (trials, bins, D) float32 bin averages after conversion/offset (position None unless
+    asked); condition (trials,) str: "target<id>" (000688) or "maze<trial_type>.<trial_version>" (MC_Maze);
+    trial (trials,) int64 row in /intervals/trials; onset (trials,) float64 s; areas (units,) "M1"/"PMd"/...;
+    dropped: trials left out, by reason (failed, no_condition, no_onset, outside)."""
+
+    path: str
+    subject: str
+    session: str
+    layout: str
+    spikes: np.ndarray
+    velocity: np.ndarray
+    position: np.ndarray | None
+    condition: np.ndarray
+    trial: np.ndarray
+    onset: np.ndarray
+    unit_ids: np.ndarray
+    areas: np.ndarray
+    behaviour_unit: str
+    bin_ms: float
+    window_ms: tuple[float, float]
+    dropped: dict[str, int]
+
+    @property
+    def observed(self) -> np.ndarray:
+        """(trials, bins, units) bool: the unit was recorded over the whole bin."""
+        return ~np.isnan(self.spikes)
+
+
+def _fail(fname: str, path: str, problem: str) -> DataError:
+    return DataError(f"{fname}: {path}: {problem}")
+
+
+def _read(f: h5py.File, path: str, fname: str) -> np.ndarray:
+    """The whole dataset at path (strings decoded); one-line DataError naming file and path otherwise."""
+    try:
+        ds = f[path]
+        if not isinstance(ds, h5py.Dataset):
+            raise _fail(fname, path, "is a group, expected a dataset")
+        return np.asarray(ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()])
+    except KeyError:
+        raise _fail(fname, path, "missing") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        raise _fail(fname, path, f"unreadable ({str(e).splitlines()[0]})") from None
+
+
+def _ragged(f: h5py.File, path: str, fname: str) -> list[np.ndarray]:
+    """A ragged column X + X_index (cumulative exclusive end offsets) as one array per row."""
+    values, ends = _read(f, path, fname), _read(f, path + "_index", fname).astype(np.int64)
+    if ends.size and (np.any(np.diff(ends) < 0) or ends[-1] > len(values)):
+        raise _fail(fname, path + "_index", f"offsets do not index {len(values)} values")
+    return np.split(values, ends[:-1]) if ends.size else []
+
+
+def _series(f: h5py.File, path: str, fname: str, times_from: str | None = None) -> tuple[np.ndarray, ...]:
+    """A TimeSeries: times (T,) s and data (T, D) float64 with conversion and offset applied, and its unit.
+    Time base: `timestamps`, else `starting_time` + its `rate`, else that of the series `times_from`."""
+    data = _read(f, f"{path}/data", fname).astype(np.float64)
+    attrs = f[f"{path}/data"].attrs
+    data = data.reshape(len(data), -1) * float(attrs.get("conversion", 1.0)) + float(attrs.get("offset", 0.0))
+    unit = attrs.get("unit", "")
+    unit = unit.decode() if isinstance(unit, bytes) else str(unit)
+    g = f[path]
+    if "timestamps" in g:
+        times = _read(f, f"{path}/timestamps", fname).astype(np.float64)
+    elif "starting_time" in g:
+        rate = g["starting_time"].attrs.get("rate")
+        if rate is None:
+            raise _fail(fname, f"{path}/starting_time", "no rate attribute")
+        times = float(_read(f, f"{path}/starting_time", fname)) + np.arange(len(data)) / float(rate)
+    elif times_from is not None and times_from in f:
+        times = _series(f, times_from, fname)[0]
+    else:
+        raise _fail(fname, path, "no timestamps or starting_time")
+    if len(times) != len(data) or len(times) < 2 or np.any(np.diff(times) < 0):
+        raise _fail(fname, path, f"{len(times)} timestamps (must be increasing) for {len(data)} samples")
+    return times, data, unit
+
+
+def _bin_average(times: np.ndarray, data: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Mean of the finite samples in each bin [e_k, e_k+1) via cumulative sums: (trials, bins+1) edges ->
+    (trials, bins, D). A bin holding no finite sample (slow behaviour, narrow bins, a NaN gap) takes the
+    linear interpolation of the finite samples at its centre."""
+    ok = np.isfinite(data)
+    zero = np.zeros((1, data.shape[1]))
+    cs = np.concatenate([zero, np.cumsum(np.where(ok, data, 0), 0)])
+    cn = np.concatenate([zero, np.cumsum(ok, 0)])
+    i = np.searchsorted(times, edges, side="left")
+    n = cn[i[:, 1:]] - cn[i[:, :-1]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (cs[i[:, 1:]] - cs[i[:, :-1]]) / n
+    centres = (edges[:, 1:] + edges[:, :-1]) / 2
+    for d in np.flatnonzero((n == 0).any((0, 1))):
+        empty = n[..., d] == 0
+        out[..., d][empty] = np.interp(centres[empty], times[ok[:, d]], data[ok[:, d], d])
+    return out
+
+
+def movement_onset(times: np.ndarray, velocity: np.ndarray, go: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Movement onset (trials,) s from velocity (T, D) sampled at times (T,), searched from go cue to stop
+    (ONSET_DETECT / ONSET_RISE above); NaN where the trial has no samples or no movement."""
+    speed = np.linalg.norm(velocity, axis=1)
+    out = np.full(len(go), np.nan)
+    for k, (lo, hi) in enumerate(np.searchsorted(times, np.stack([go, stop], 1)).tolist()):
+        s = speed[lo:hi]
+        if s.size < 2 or not np.isfinite(s).all() or s.max() <= 0:
+            continue
+        cross = int(np.argmax(s >= ONSET_DETECT * s.max()))
+        below = np.flatnonzero(s[:cross] < ONSET_RISE * s.max())
+        out[k] = times[lo + (below[-1] + 1 if below.size else 0)]
+    return out
+
+
+def _area(name: str) -> str:
+    low = name.lower()
+    return "PMd" if "pmd" in low else "M1" if "m1" in low else name
+
+
+def _unit_areas(f: h5py.File, fname: str, n_units: int) -> np.ndarray:
+    """Area per unit from the first electrode of each unit: electrode table group_name, else location."""
+    if "/units/electrodes" not in f or ELECTRODES not in f:
+        return np.full(n_units, "unknown", dtype=object)
+    rows = (_ragged(f, "/units/electrodes", fname) if "/units/electrodes_index" in f
+            else list(_read(f, "/units/electrodes", fname).reshape(-1, 1)))
+    table = f[ELECTRODES]
+    column = "group_name" if "group_name" in table else "location" if "location" in table else None
+    if column is None or len(rows) != n_units or any(len(r) == 0 for r in rows):
+        raise _fail(fname, "/units/electrodes", f"no group_name/location for each of {n_units} units")
+    names = _read(f, f"{ELECTRODES}/{column}", fname)
+    first = np.array([int(r[0]) for r in rows])
+    if first.max() >= len(names):
+        raise _fail(fname, "/units/electrodes", f"row {first.max()} beyond {len(names)} electrodes")
+    return np.array([_area(str(names[i])) for i in first], dtype=object)
+
+
+def _conditions(cols: dict, n: int) -> np.ndarray:
+    """Condition label per trial ("" where the trial has none), from the first column set present."""
+    if "target_id" in cols:
+        t = cols["target_id"].astype(np.float64)
+        return np.array(["" if not np.isfinite(v) else f"target{int(v)}" for v in t], dtype=object)
+    if "target_dir" in cols:
+        d = cols["target_dir"].astype(np.float64)
+        return np.array(["" if not np.isfinite(v) else f"dir{v:g}" for v in d], dtype=object)
+    if "trial_type" in cols and "trial_version" in cols:
+        return np.array([f"maze{int(a)}.{int(b)}" for a, b in zip(cols["trial_type"], cols["trial_version"],
+                                                                    strict=True)], dtype=object)
+    if "maze_id" in cols:
+        return np.array([f"maze{int(v)}" for v in cols["maze_id"]], dtype=object)
+    return np.full(n, "", dtype=object)
+
+
+def _text(f: h5py.File, path: str, fname: str, default: str) -> str:
+    if path not in f:
+        return default
+    v = _read(f, path, fname)
+    return str(v.reshape(-1)[0] if v.ndim else v) or default
+
+
+def open_session(path: str, bin_ms: float = 20, window_ms: tuple[float, float] = (-250, 450),
+                 area: str | None = None, position: bool = False) -> Session:
+    """Read one NWB file (either layout of data_formats.md §4) into a Session of successful trials, binned at
+    bin_ms over window_ms around movement onset, units restricted to `area` ("M1"/"PMd") if given. Trials
+    whose window leaves the behaviour recording are dropped (counted in Session.dropped)."""
+    fname = os.fspath(path)
+    if not os.path.isfile(fname):
+        raise DataError(f"{fname}: no such file")
+    try:
+        f = h5py.File(fname, "r")
+    except OSError as e:
+        raise DataError(f"{fname}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+    with f:
+        try:
+            return _open(f, fname, bin_ms, window_ms, area, position)
+        except (OSError, KeyError, RuntimeError) as e:     # damage met outside _read (attributes, links)
+            raise DataError(f"{fname}: unreadable ({str(e).splitlines()[0]})") from None
+
+
+def _open(f, fname, bin_ms, window_ms, area, position) -> Session:
+    layout = next((k for k, (vel, _) in LAYOUTS.items() if vel in f), None)
+    if layout is None:
+        raise _fail(fname, BEHAVIOR, "no hand or cursor velocity")
+    vel_path, pos_path = LAYOUTS[layout]
+    times, vel, unit = _series(f, vel_path, fname, times_from=pos_path)
+    pos = _series(f, pos_path, fname) if position else None
+
+    if TRIALS not in f:
+        raise _fail(fname, TRIALS, "missing")
+    cols = {k: _read(f, f"{TRIALS}/{k}", fname) for k, v in f[TRIALS].items()
+            if isinstance(v, h5py.Dataset) and v.ndim == 1 and not k.endswith("_index")}
+    for k in ("start_time", "stop_time"):
+        if k not in cols:
+            raise _fail(fname, f"{TRIALS}/{k}", "missing")
+    n = len(cols["start_time"])
+    condition = _conditions(cols, n)
+    ok = (cols["result"] == "R" if "result" in cols else
+          cols["success"].astype(bool) if "success" in cols else np.ones(n, bool))
+    if "move_onset_time" in cols:
+        onset = cols["move_onset_time"].astype(np.float64)
+    elif "go_cue_time" in cols:
+        onset = np.full(n, np.nan)
+        onset[ok] = movement_onset(times, vel, cols["go_cue_time"][ok], cols["stop_time"][ok])
+    else:
+        raise _fail(fname, f"{TRIALS}/move_onset_time", "missing, and no go_cue_time to compute it from")
+    lo, hi = window_ms[0] / 1000, window_ms[1] / 1000
+    inside = (onset + lo >= times[0]) & (onset + hi <= times[-1])
+    if pos is not None:
+        inside &= (onset + lo >= pos[0][0]) & (onset + hi <= pos[0][-1])
+    has_cond = condition != ""
+    dropped = {"failed": int((~ok).sum()), "no_condition": int((ok & ~has_cond).sum()),
+               "no_onset": int((ok & has_cond & ~np.isfinite(onset)).sum()),
+               "outside": int((ok & has_cond & np.isfinite(onset) & ~inside).sum())}
+    keep = np.flatnonzero(ok & has_cond & np.isfinite(onset) & inside)
+
+    n_bins = int(round((window_ms[1] - window_ms[0]) / bin_ms))
+    edges = onset[keep, None] + lo + np.arange(n_bins + 1) * (bin_ms / 1000)     # (trials, bins+1)
+    spike_times = _ragged(f, "/units/spike_times", fname)
+    unit_ids = (_read(f, "/units/id", fname).astype(np.int64) if "/units/id" in f
+                else np.arange(len(spike_times)))
+    areas = _unit_areas(f, fname, len(spike_times))
+    units = np.flatnonzero(areas == area) if area is not None else np.arange(len(spike_times))
+    if area is not None and units.size == 0:
+        raise _fail(fname, ELECTRODES, f"no {area} units (areas: {', '.join(sorted(set(areas)))})")
+    obs = _ragged(f, "/units/obs_intervals", fname) if "/units/obs_intervals" in f else None
+    spikes = np.empty((len(keep), n_bins, len(units)), np.float32)
+    for j, u in enumerate(units.tolist()):
+        st = spike_times[u].astype(np.float64)
+        if np.any(np.diff(st) < 0):
+            st = np.sort(st)
+        spikes[..., j] = np.diff(np.searchsorted(st, edges, side="left"), axis=1)
+        if obs is not None:
+            iv = obs[u].reshape(-1, 2)
+            iv = iv[np.argsort(iv[:, 0])]
+            k = np.searchsorted(iv[:, 0], edges[:, :-1], side="right") - 1
+            seen = (k >= 0) & (edges[:, 1:] <= iv[np.maximum(k, 0), 1]) if len(iv) else np.zeros_like(k, bool)
+            spikes[..., j][~seen] = np.nan
+    subject = _text(f, "/general/subject/subject_id", fname, "unknown")
+    stem = os.path.basename(fname).removesuffix(".nwb")
+    return Session(path=fname, subject=subject, session=_text(f, "/session_id", fname, stem), layout=layout,
+                   spikes=spikes, velocity=_bin_average(times, vel, edges).astype(np.float32),
+                   position=None if pos is None else _bin_average(pos[0], pos[1], edges).astype(np.float32),
+                   condition=condition[keep], trial=keep.astype(np.int64), onset=onset[keep],
+                   unit_ids=unit_ids[units], areas=areas[units], behaviour_unit=unit, bin_ms=float(bin_ms),
+                   window_ms=(float(window_ms[0]), float(window_ms[1])), dropped=dropped)
+
+
+def find_nwb(paths: list[str]) -> list[str]:
+    """The .nwb files named, or found (recursively, sorted) under the folders named."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += sorted(os.path.join(d, n) for d, _, names in os.walk(p) for n in names
+                          if n.endswith(".nwb"))
+        else:
+            out.append(p)
+    return out
+
+
+def is_nwb_input(paths: list[str]) -> bool:
+    """True if `data.py check` should read these as NWB files rather than Sensorium mouse folders."""
+    return any(p.endswith(".nwb") for p in paths) or any(os.path.isdir(p) and find_nwb([p]) for p in paths)
+
+
+def describe(sessions: list[Session]) -> dict:
+    """What `data.py check --json` prints for NWB files: per monkey, per session: file, units per area,
+    trials per condition, dropped trials by reason."""
+    out = {"monkeys": {}}
+    for s in sorted(sessions, key=lambda s: (s.subject, s.session, s.path)):
+        areas, n_area = np.unique(s.areas.astype(str), return_counts=True)
+        conds, n_cond = np.unique(s.condition.astype(str), return_counts=True)
+        out["monkeys"].setdefault(s.subject, {})[s.session] = {
+            "file": s.path, "layout": s.layout,
+            "units": dict(zip(areas.tolist(), n_area.tolist(), strict=True)),
+            "trials": len(s.trial), "conditions": dict(zip(conds.tolist(), n_cond.tolist(), strict=True)),
+            "dropped": s.dropped}
+    return out
+
+
+def print_report(report: dict) -> None:
+    for monkey, sessions in report["monkeys"].items():
+        print(f"monkey {monkey}: {len(sessions)} session(s)")
+        for name, s in sessions.items():
+            units = ", ".join(f"{a} {k}" for a, k in s["units"].items())
+            dropped = ", ".join(f"{r} {k}" for r, k in s["dropped"].items() if k) or "none"
+            print(f"  {name} ({s['layout']}, {os.path.basename(s['file'])}): units {units}; "
+                  f"{s['trials']} trials, dropped: {dropped}")
+            print("    per condition: " + ", ".join(f"{c} {k}" for c, k in s["conditions"].items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic monkeys in NWB layout, from a known shared latent per reach direction
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class NWBSynthSpec:
+    """What write_synthetic_nwb writes. monkeys: (name, layout "688"|"maze", units, areas, role) with role
+    "train", "heldout" or "control" (spikes driven by a random reach latent per trial, not the condition)."""
+
+    monkeys: tuple[tuple[str, str, int, tuple[str, ...], str], ...]
+    sessions: int = 2
+    trials: int = 80
+    conditions: int = 8               # reach directions 2 pi c / conditions
+    fail_fraction: float = 0.1        # trials with result "A"/"F" (success False): no reach
+    behaviour_hz: float = 1000.0
+    lead_ms: float = 60.0             # neurons lead the kinematics by this much
+    reach_s: float = 0.3              # minimum-jerk reach duration
+    reach_mm: float = 80.0
+    drift: float = 0.15               # per-session change of log-baselines and tuning gains
+    partial_units: int = 2            # units per file observed only in the first half of the session
+    spike_dt: float = 0.005           # rate held constant over this step (exact piecewise-constant Poisson)
+
+
+NWB_SYNTH_PRESETS = {
+    "monkey": dict(monkeys=(("C", "688", 90, ("M1", "PMd"), "train"),
+                            ("J", "maze", 120, ("M1", "PMd"), "train"),
+                            ("M", "688", 60, ("M1",), "heldout"),
+                            ("T", "688", 40, ("M1", "PMd"), "control"))),
+}
+LATENT_K = 4                          # (vx, vy, prep_x, prep_y), each ~unit peak
+
+
+def reach_latent(t: np.ndarray, theta: np.ndarray, reach_s: float) -> np.ndarray:
+    """The shared latent (trials, K, T) at times t (trials, T) s from movement onset, for reach directions
+    theta (trials,): a minimum-jerk out-and-back speed profile along theta (the velocity readout) and a
+    preparatory bump pointing at the target, peaking 150 ms before onset."""
+    def speed(x):
+        tau = np.clip(x / reach_s, 0, 1)
+        return 30 * tau**2 * (1 - tau) ** 2 / 1.875          # peak 1
+    s = speed(t) - speed(t - 0.5)                           # out, then back 500 ms later
+    prep = np.exp(-0.5 * ((t + 0.15) / 0.12) ** 2)
+    u = np.stack([np.cos(theta), np.sin(theta)], 1)[:, :, None]                  # (trials, 2, 1)
+    return np.concatenate([s[:, None] * u, prep[:, None] * u], 1)
+
+
+def write_synthetic_nwb(root: str, preset: str = "monkey", seed: int = 0, **overrides) -> list[str]:
+    """Write NWB-layout HDF5 files under root/sub-<monkey>/ plus root/_synthetic_truth/{config.json,
+    truth.npz}; return the files. overrides: any NWBSynthSpec field. Same (preset, seed, overrides) -> same
+    bytes; written to a temp folder beside root and renamed: never half a dataset.
+
+    Model: per trial the latent z = reach_latent(t - onset, direction); velocity (mm/s) = peak speed x gain
+    x z[:2]; unit n of monkey m, session s: rate = exp(b_n + drift_b_n s + (1 + drift_g_n s) c_n . z(t +
+    lead)) (the control monkey's z uses a random direction per trial); spikes Poisson at that rate."""
+    if preset not in NWB_SYNTH_PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; valid: {', '.join(NWB_SYNTH_PRESETS)}")
+    try:
+        spec = NWBSynthSpec(**{**NWB_SYNTH_PRESETS[preset], **overrides})
+    except TypeError:
+        valid = ", ".join(f.name for f in dataclasses.fields(NWBSynthSpec))
+        raise ValueError(f"unknown synthetic override in {sorted(overrides)}; valid: {valid}") from None
+    root = os.path.normpath(root)
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+        raise DataError(f"{root}: already exists and is not an empty folder")
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
+    try:
+        files = _write_all(tmp, spec, preset, seed)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(root):
+            os.rmdir(root)
+        os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(root, p) for p in files]
+
+
+def _write_all(out: str, spec: NWBSynthSpec, preset: str, seed: int) -> list[str]:
+    files, truth, info = [], {}, {}
+    t_lat = np.arange(-0.5, 1.0, 0.005)
+    theta_c = 2 * np.pi * np.arange(spec.conditions) / spec.conditions
+    truth["latent"] = reach_latent(np.tile(t_lat, (spec.conditions, 1)), theta_c, spec.reach_s)
+    truth["latent_t"] = t_lat
+    for m, (name, layout, n_units, areas, role) in enumerate(spec.monkeys):
+        rng = np.random.default_rng([seed, m])
+        neurons = dict(b=np.log(rng.uniform(4, 20, n_units)), c=rng.normal(0, 1.0, (n_units, LATENT_K)),
+                       drift_b=rng.normal(0, spec.drift, n_units), drift_g=rng.normal(0, spec.drift, n_units),
+                       area=np.array([areas[i % len(areas)] for i in rng.permutation(n_units)]))
+        info[name] = {"layout": layout, "role": role, "units": n_units, "areas": list(areas), "files": []}
+        for s in range(spec.sessions):
+            rel = (f"sub-{name}/sub-{name}_ses-CO-2024010{s + 1}_behavior+ecephys.nwb" if layout == "688"
+                   else f"sub-{name}/sub-{name}_ses-full{s + 1}_desc-train_behavior+ecephys.nwb")
+            os.makedirs(os.path.join(out, f"sub-{name}"), exist_ok=True)
+            arrays = _write_session(os.path.join(out, rel), spec, name, layout, role, s, neurons,
+                                    theta_c, np.random.default_rng([seed, m, s + 1]))
+            truth.update({f"{rel}/{k}": v for k, v in arrays.items()})
+            info[name]["files"].append(rel)
+            files.append(rel)
+    os.makedirs(os.path.join(out, TRUTH_DIR))
+    _save_npz(os.path.join(out, TRUTH_DIR, "truth.npz"), truth)
+    by_role = {r: sorted(n for n in info if info[n]["role"] == r) for r in ("train", "heldout", "control")}
+    with open(os.path.join(out, TRUTH_DIR, "config.json"), "w") as f:
+        json.dump({"preset": preset, "seed": seed, "spec": dataclasses.asdict(spec), "monkeys": info,
+                   **by_role, "files": files, "latent_k": LATENT_K},
+                  f, indent=1, sort_keys=True)
+    return files
+
+
+def _trial_times(spec: NWBSynthSpec, rng: np.random.Generator, success: np.ndarray) -> dict[str, np.ndarray]:
+    """Trial events (s): start, target on +0.2, go cue after a 0.3-0.6 s delay, onset 0.15-0.3 s after it
+    (NaN when failed), stop 0.9 s after onset (0.6 s after the go cue when failed), 0.1-0.3 s gaps."""
+    n = len(success)
+    delay, rt, gap = rng.uniform(0.3, 0.6, n), rng.uniform(0.15, 0.3, n), rng.uniform(0.1, 0.3, n)
+    length = 0.2 + delay + np.where(success, rt + 0.9, 0.6)
+    start = 0.5 + np.concatenate([[0], np.cumsum(length + gap)[:-1]])
+    go = start + 0.2 + delay
+    return dict(start_time=start, target_on_time=start + 0.2, go_cue_time=go, stop_time=start + length,
+                onset=np.where(success, go + rt, np.nan))
+
+
+def _latent_on(grid: np.ndarray, onset: np.ndarray, theta: np.ndarray, gain: np.ndarray,
+               spec: NWBSynthSpec) -> np.ndarray:
+    """The latent of every trial (x its gain) on a session time grid: (T,) s -> (T, K); zero between."""
+    z = np.zeros((len(grid), LATENT_K))
+    dt = grid[1] - grid[0]
+    n = int(round(1.6 / dt))
+    for o, th, g in zip(onset.tolist(), theta.tolist(), gain.tolist(), strict=True):
+        if np.isfinite(o):
+            i = max(int(np.searchsorted(grid, o - 0.5)), 0)
+            t = grid[i:i + n] - o
+            z[i:i + len(t)] += g * reach_latent(t[None], np.array([th]), spec.reach_s)[0].T
+    return z
+
+
+def _write_session(path, spec, name, layout, role, s, neurons, theta_c, rng) -> dict[str, np.ndarray]:
+    n = spec.trials
+    success = rng.random(n) >= spec.fail_fraction
+    success[0] = True
+    cond = rng.permutation(np.arange(n) % spec.conditions)      # balanced directions, shuffled
+    ev = _trial_times(spec, rng, success)
+    gain = rng.uniform(0.85, 1.15, n)
+    end = ev["stop_time"][-1] + 0.5
+    # behaviour: velocity = a fixed readout of the latent, plus slow jitter
+    bt = np.arange(int(end * spec.behaviour_hz)) / spec.behaviour_hz
+    z_b = _latent_on(bt, ev["onset"], theta_c[cond], gain, spec)
+    peak = 1.875 * spec.reach_mm / spec.reach_s
+    jitter = gaussian_filter1d(rng.normal(0, 20, (len(bt), 2)), 0.02 * spec.behaviour_hz, axis=0)
+    vel = peak * z_b[:, :2] + jitter
+    pos = np.cumsum(vel, 0) / spec.behaviour_hz
+    # spikes: the control monkey's neurons follow a random direction per trial, not the condition
+    theta_spk = rng.uniform(0, 2 * np.pi, n) if role == "control" else theta_c[cond]
+    grid = np.arange(0, end, spec.spike_dt)
+    z = _latent_on(grid + spec.lead_ms / 1000, ev["onset"], theta_spk, gain, spec)
+    half = np.zeros(len(neurons["b"]), bool)
+    half[rng.choice(len(half), spec.partial_units, replace=False)] = True
+    spikes, obs = [], []
+    for u in range(len(half)):
+        drive = (neurons["b"][u] + neurons["drift_b"][u] * s
+                 + (1 + neurons["drift_g"][u] * s) * z @ neurons["c"][u])
+        counts = rng.poisson(np.exp(drive) * spec.spike_dt)
+        st = np.sort(np.repeat(grid, counts) + rng.random(counts.sum()) * spec.spike_dt)
+        stop = end / 2 if half[u] else end
+        spikes.append(st[st < stop])
+        obs.append([0.0, stop])
+    with h5py.File(path, "w") as f:
+        f.attrs["namespace"], f.attrs["neurodata_type"], f.attrs["nwb_version"] = "core", "NWBFile", "2.5.0"
+        f["identifier"] = f"synthetic-{name}-{s}"
+        f["session_id"] = f"{name}-session{s + 1}"
+        f["session_start_time"] = "2024-01-01T00:00:00"
+        f["general/subject/subject_id"] = name
+        f["general/subject/species"] = "Macaca mulatta"
+        el = f.create_group(ELECTRODES)
+        el["id"] = np.arange(len(half))
+        el.create_dataset("group_name", data=neurons["area"].astype(object), dtype=h5py.string_dtype())
+        el.create_dataset("location", data=neurons["area"].astype(object), dtype=h5py.string_dtype())
+        un = f.create_group("units")
+        un["id"] = np.arange(len(half))
+        un["spike_times"] = np.concatenate(spikes)
+        un["spike_times_index"] = np.cumsum([len(x) for x in spikes])
+        un["obs_intervals"] = np.array(obs)
+        un["obs_intervals_index"] = np.arange(1, len(half) + 1)
+        un["electrodes"] = np.arange(len(half))
+        un["electrodes_index"] = np.arange(1, len(half) + 1)
+        tr = f.create_group(TRIALS.lstrip("/"))
+        tr["id"] = np.arange(n)
+        for k in ("start_time", "stop_time", "target_on_time", "go_cue_time"):
+            tr[k] = ev[k]
+        if layout == "688":
+            tr["target_id"] = cond
+            tr["target_dir"] = np.degrees(theta_c[cond])
+            failed = np.where(rng.random(n) < 0.5, "A", "F")
+            tr.create_dataset("result", data=np.where(success, "R", failed).astype(object),
+                              dtype=h5py.string_dtype())
+            # stored in cm(/s) with conversion 10 -> mm(/s); position also with an offset
+            beh = f.create_group(BEHAVIOR.lstrip("/"))
+            cp = beh.create_group("Position/cursor_pos")
+            d = cp.create_dataset("data", data=((pos + 5.0) / 10).astype(np.float32))
+            d.attrs.update(conversion=10.0, offset=-5.0, unit="mm")
+            cp["timestamps"] = bt
+            d = beh.create_dataset("Velocity/cursor_vel/data", data=(vel / 10).astype(np.float32))
+            d.attrs.update(conversion=10.0, offset=0.0, unit="mm/s")
+        else:
+            tr["move_onset_time"] = ev["onset"]
+            tr["success"] = success
+            tr["trial_type"], tr["trial_version"], tr["maze_id"] = cond + 1, np.zeros(n, np.int64), cond
+            tr.create_dataset("split", data=np.full(n, "train", object), dtype=h5py.string_dtype())
+            un["heldout"] = np.zeros(len(half), bool)
+            beh = f.create_group(BEHAVIOR.lstrip("/"))
+            d = beh.create_dataset("hand_vel/data", data=vel.astype(np.float32))
+            d.attrs.update(conversion=1.0, unit="mm/s")
+            beh["hand_vel/timestamps"] = bt
+            d = beh.create_dataset("hand_pos/data", data=pos.astype(np.float32))
+            d.attrs.update(conversion=1.0, unit="mm")
+            beh.create_dataset("hand_pos/starting_time", data=0.0).attrs["rate"] = spec.behaviour_hz
+    return dict(condition=cond, success=success, onset=ev["onset"], gain=gain, spike_direction=theta_spk,
+                partial_units=np.flatnonzero(half))
