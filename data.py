@@ -88,15 +88,19 @@ def write_representations(path: str, trials: list[TrialRep], attrs: dict) -> Non
                     g.create_dataset(name, data=np.asarray(t.arrays[name], dtype=np.float32))
 
 
+def open_hdf5(path: str, what: str = "file") -> h5py.File:
+    """h5py.File(path, "r"); DataError with one line if it is missing or not readable HDF5."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such {what}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+
+
 def read_representations(path: str) -> tuple[list[TrialRep], dict]:
     """Read a file written by write_representations; DataError if it is missing or not ours."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such representations file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
+    with open_hdf5(path, "representations file") as f:
         if f.attrs.get("format") != REPS_FORMAT:
             raise DataError(f"{path}: not a PNBA representations file (no format={REPS_FORMAT!r} attribute)")
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -838,14 +842,25 @@ def write_synthetic(root: str, preset: str = "tiny", seed: int = 0, **overrides)
     + 40 * sum_k z_s,k B_k + frozen noise), 0, 255); rate = softplus(C_m z_s(t - lag) + b_m) * g_m; responses
     = rate * Gamma(4, 1/4) noise, fresh per trial. Control mice use their own z per trial instead of z_s.
     """
-    if preset not in SYNTH_PRESETS:
-        raise ValueError(f"unknown synthetic preset {preset!r}; valid: {', '.join(SYNTH_PRESETS)}")
-    try:
-        spec = SynthSpec(**{**SYNTH_PRESETS[preset], **overrides})
-    except TypeError:
-        valid = ", ".join(f.name for f in dataclasses.fields(SynthSpec))
-        raise ValueError(f"unknown synthetic override in {sorted(overrides)}; valid: {valid}") from None
+    spec = synthetic_spec(SynthSpec, SYNTH_PRESETS, preset, overrides)
     _check_spec(spec)
+    return write_new_folder(root, lambda tmp: _write_synthetic(tmp, spec, preset, seed))
+
+
+def synthetic_spec(cls, presets: dict, preset: str, overrides: dict):
+    """cls(**presets[preset] with overrides); ValueError naming the valid presets or fields."""
+    if preset not in presets:
+        raise ValueError(f"unknown synthetic preset {preset!r}; valid: {', '.join(presets)}")
+    try:
+        return cls(**{**presets[preset], **overrides})
+    except TypeError:
+        valid = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"unknown synthetic override in {sorted(overrides)}; valid: {valid}") from None
+
+
+def write_new_folder(root: str, write) -> list[str]:
+    """Fill a new (or empty) folder `root` through write(temp folder) -> names written, in a temp folder
+    beside it renamed at the end: never half a dataset. Returns root/name for each name."""
     root = os.path.normpath(root)
     if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
         raise DataError(f"{root}: already exists and is not an empty folder")
@@ -853,7 +868,7 @@ def write_synthetic(root: str, preset: str = "tiny", seed: int = 0, **overrides)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
     try:
-        names = _write_synthetic(tmp, spec, preset, seed)
+        names = write(tmp)
         os.chmod(tmp, 0o755)
         if os.path.isdir(root):
             os.rmdir(root)

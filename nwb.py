@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from data import TRUTH_DIR, DataError, _save_npz
+from data import TRUTH_DIR, DataError, _save_npz, open_hdf5, synthetic_spec, write_new_folder
 
 BEHAVIOR = "/processing/behavior"
 # (velocity, position) per layout; a velocity series without a time base takes its position's (000688)
@@ -201,13 +199,7 @@ def open_session(path: str, bin_ms: float = 20, window_ms: tuple[float, float] =
     bin_ms over window_ms around movement onset, units restricted to `area` ("M1"/"PMd") if given. Trials
     whose window leaves the behaviour recording are dropped (counted in Session.dropped)."""
     fname = os.fspath(path)
-    if not os.path.isfile(fname):
-        raise DataError(f"{fname}: no such file")
-    try:
-        f = h5py.File(fname, "r")
-    except OSError as e:
-        raise DataError(f"{fname}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
-    with f:
+    with open_hdf5(fname) as f:
         try:
             return _open(f, fname, bin_ms, window_ms, area, position)
         except (OSError, KeyError, RuntimeError) as e:     # damage met outside _read (attributes, links)
@@ -378,29 +370,8 @@ def write_synthetic_nwb(root: str, preset: str = "monkey", seed: int = 0, **over
     Model: per trial the latent z = reach_latent(t - onset, direction); velocity (mm/s) = peak speed x gain
     x z[:2]; unit n of monkey m, session s: rate = exp(b_n + drift_b_n s + (1 + drift_g_n s) c_n . z(t +
     lead)) (the control monkey's z uses a random direction per trial); spikes Poisson at that rate."""
-    if preset not in NWB_SYNTH_PRESETS:
-        raise ValueError(f"unknown synthetic preset {preset!r}; valid: {', '.join(NWB_SYNTH_PRESETS)}")
-    try:
-        spec = NWBSynthSpec(**{**NWB_SYNTH_PRESETS[preset], **overrides})
-    except TypeError:
-        valid = ", ".join(f.name for f in dataclasses.fields(NWBSynthSpec))
-        raise ValueError(f"unknown synthetic override in {sorted(overrides)}; valid: {valid}") from None
-    root = os.path.normpath(root)
-    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-        raise DataError(f"{root}: already exists and is not an empty folder")
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
-    try:
-        files = _write_all(tmp, spec, preset, seed)
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(root):
-            os.rmdir(root)
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [os.path.join(root, p) for p in files]
+    spec = synthetic_spec(NWBSynthSpec, NWB_SYNTH_PRESETS, preset, overrides)
+    return write_new_folder(root, lambda tmp: _write_all(tmp, spec, preset, seed))
 
 
 def _write_all(out: str, spec: NWBSynthSpec, preset: str, seed: int) -> list[str]:
