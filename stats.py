@@ -557,7 +557,7 @@ def learning_curve_figure(records: list[dict], title: str) -> bytes:
 
     fig = Figure(figsize=(13, 3.4), layout="constrained")
     ax = fig.subplots(1, 4)
-    ax[0].plot(*series(lambda v: v.get("corr")), "o-", label="PNBA, stimulus path")
+    ax[0].plot(*series(lambda v: v.get("corr_train_animals")), "o-", label="PNBA, stimulus path")
     ax[0].plot(*series(lambda v: v.get("corr_fused")), "s--", label="PNBA, fused")
     for key, style, label in (("ceiling", ":", "repeat ceiling"), ("ridge_corr", "-.", "pixel ridge")):
         xs, ys = series(lambda v, key=key: v.get(key))

@@ -1711,7 +1711,7 @@ def test_run_directory_and_metrics(tiny_run):
                     "match", "poisson_floor", "latent_corr", "windows_per_s", "lr"):
             assert key in r and r[key] is not None and np.isfinite(r[key]), key
     val = [r["val"] for r in lines if "val" in r][-1]
-    assert -1 <= val["corr"] <= 1 and -1 <= val["ceiling"] <= 1 and -1 <= val["ridge_corr"] <= 1
+    assert -1 <= val["corr_train_animals"] <= 1 and -1 <= val["ceiling"] <= 1 and -1 <= val["ridge_corr"] <= 1
     assert val["crossmodal_train"]["d"] is not None and val["zeroshot"]
     assert (tiny_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
@@ -1897,7 +1897,8 @@ def test_science_zero_shot_effect_and_negative_control(tmp_path):
                  "--optim.align_warmup_iters", "60",
                  "--run.val_every", "20", "--run.ckpt_every", "0", "--data.num_workers", "0"])
     untrained, trained = [r["val"] for r in map(json.loads, open(run / "metrics.jsonl")) if "val" in r]
-    assert abs(untrained["corr"]) < 0.1 and trained["corr"] > 0.6 * trained["ridge_corr"], trained
+    corr = "corr_train_animals"
+    assert abs(untrained[corr]) < 0.1 and trained[corr] > 0.6 * trained["ridge_corr"], trained
     # two training animals and 120 steps align the training animals' latents (held-out animals need
     # more of both: the demo shows them); an untrained model's encoders share only stimulus energy
     assert untrained["crossmodal_train"]["d"] < 0.5 and trained["crossmodal_train"]["d"] > 1

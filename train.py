@@ -412,7 +412,8 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
     scored_animals = [per_animal[m.name] for m in train_mice if "corr" in per_animal[m.name]]
     corr, ceiling = _mean(a["corr"] for a in scored_animals), _mean(a["ceiling"] for a in scored_animals)
     return {
-        "corr": corr, "corr_fused": _mean(a["corr_fused"] for a in scored_animals), "ceiling": ceiling,
+        "corr_train_animals": corr, "corr_fused": _mean(a["corr_fused"] for a in scored_animals),
+        "ceiling": ceiling,
         "fraction_of_ceiling": corr / ceiling if np.isfinite(ceiling) and ceiling > 0 else float("nan"),
         "ridge_corr": _mean(a["ridge_corr"] for a in scored_animals),
         "poisson_vs_floor": _mean(a["poisson_vs_floor"] for a in scored_animals),
@@ -622,8 +623,8 @@ def check_replicas(model, master):
 def validation_line(val: dict) -> str:
     """One progress line: the stimulus -> neural prediction against its anchors, then alignment."""
     f = stats.fmt
-    parts = [f"val corr {f(val['corr'], '.3f')} ({f(val['fraction_of_ceiling'], '.0%')} of the repeat "
-             f"ceiling {f(val['ceiling'], '.3f')}; pixel ridge {f(val['ridge_corr'], '.3f')}), "
+    parts = [f"val corr {f(val['corr_train_animals'], '.3f')} ({f(val['fraction_of_ceiling'], '.0%')} of "
+             f"the repeat ceiling {f(val['ceiling'], '.3f')}; pixel ridge {f(val['ridge_corr'], '.3f')}), "
              f"fused Poisson {f(val['poisson_vs_floor'], '+.1%')} vs floor"]
     for group in ("train", "heldout"):
         c = val[f"crossmodal_{group}"]
