@@ -801,6 +801,23 @@ def test_pixel_ridge_predicts_driven_neurons_and_not_the_control(tiny):
     assert abs(scores[control]) < 0.15, scores
 
 
+def test_each_animal_is_standardised_with_its_own_statistics():
+    """mean_norm "batch": evaluation with an animal's neural_statistics gives what training's BatchNorm gives
+    on a batch of exactly those windows, whatever the running statistics say."""
+    model = build(mean_norm="batch")
+    model.materialise(8)
+    model.double()
+    r, _ = batch(B=6, T=8, N=COUNTS["m1"], dtype=torch.float64)
+    stats_x = model.neural_statistics(iter([r[:4], r[4:]]))            # chunks pool like one batch
+    model.train()
+    with torch.no_grad():
+        mu_batch = model._encode_modalities(r, None, None)[0]
+    model.mu_x_norm.running_mean.fill_(5.0)                             # far from this animal
+    torch.testing.assert_close(model.encode(r, x_stats=stats_x).mu_x, mu_batch, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model.encode(r).mu_x, mu_batch)
+    assert build().neural_statistics(iter([r.float()])) is None         # nothing to standardise
+
+
 def test_readout_bias_starts_each_neuron_at_its_mean_rate():
     model = build(readout_bias_init="mean")
     mean = torch.tensor([0.01, 0.5, 1.0, 2.5] + [1.0] * (COUNTS["m1"] - 4))
