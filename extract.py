@@ -54,15 +54,8 @@ def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None) ->
     g = model.encode(w["responses"].to(device), video, coords=mouse.coords_tensor(device),
                      x_stats=x_stats)
     keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
-    out = {}
-    for name in data.REPS_ARRAYS:
-        t = getattr(g, name)
-        if t is None:
-            continue
-        # (W, C, n, T) -> (W * T, C * n): one row per frame, the latent of that frame
-        per_frame = t.float().permute(0, 3, 1, 2).flatten(2).flatten(0, 1)
-        out[name] = per_frame[keep].cpu().numpy()
-    return out
+    return {name: pnba.per_frame(getattr(g, name), keep) for name in data.REPS_ARRAYS
+            if getattr(g, name) is not None}
 
 
 def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="auto", overrides=()) -> str:
@@ -105,9 +98,10 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     reps = []
     t0 = time.time()
     # mean_norm "batch": each animal's neural means are standardised with its own statistics (pnba)
+    trials_of = {m.name: [i for a, i in jobs if a is m] for m in mice}
     x_stats = {m.name: model.neural_statistics(
-        (data.eval_windows(m, i, cfg.data.frames)["responses"].to(dev) for a, i in jobs if a is m),
-        coords=m.coords_tensor(dev)) for m in mice if any(a is m for a, _ in jobs)}
+        (data.eval_windows(m, i, cfg.data.frames)["responses"].to(dev) for i in trials_of[m.name]),
+        coords=m.coords_tensor(dev)) for m in mice if trials_of[m.name]}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
         arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
         reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1),

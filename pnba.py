@@ -916,6 +916,12 @@ def check_mice(ckpt: dict, neuron_counts: dict[str, int], source):
                                   f"{recorded[mouse]} neurons in the checkpoint")
 
 
+def per_frame(latent, keep):
+    """Window latents (W, C, n, T) -> (frames, C * n) float32 numpy, one row per frame of the trial: the
+    windows' frames in order, those where keep (W * T,) is True (each valid frame once)."""
+    return latent.float().permute(0, 3, 1, 2).flatten(2).flatten(0, 1)[keep].cpu().numpy()
+
+
 def between_trial_corr(mu):
     """Mean Pearson r between the latents of different windows in a batch: (B, ...) -> float.
 

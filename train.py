@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -294,9 +295,7 @@ class ValidationSet:
 def prepare_validation(train_mice, heldout_mice) -> ValidationSet:
     mice = train_mice + heldout_mice
     stimulus = data.stimulus_groups(mice)
-    seen_by = {}
-    for (_, _), s in stimulus.items():
-        seen_by[s] = seen_by.get(s, 0) + 1
+    seen_by = Counter(stimulus.values())        # how many trials, over all animals, show each video
     trials, scored, ceiling, ridge = {}, {}, {}, {}
     for m in mice:
         oracle = [int(i) for i in m.trials(["oracle"], hidden=False)]
@@ -312,11 +311,6 @@ def prepare_validation(train_mice, heldout_mice) -> ValidationSet:
             ridge[m.name] = float(np.nanmean(stats.per_neuron_corr(
                 np.concatenate([fit.predict(m, i) for i in oracle]), np.concatenate(responses))))
     return ValidationSet(trials, scored, stimulus, ceiling, ridge)
-
-
-def _per_frame(t, keep):
-    """(W, C, n, T) window latents -> (frames, C * n): each valid frame once."""
-    return t.float().permute(0, 3, 1, 2).flatten(2).flatten(0, 1)[keep]
 
 
 def _mean_corr(prediction, target):
@@ -348,20 +342,19 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
     for m in train_mice + heldout_mice:
         trained, coords = m in train_mice, m.coords_tensor(device)
         reps[m.name], predictions, fused, targets = [], [], [], []
-        x_stats = model.neural_statistics((data.eval_windows(m, i, frames)["responses"].to(device)
-                                           for i in vset.trials[m.name]), coords=coords)
-        for i in vset.trials[m.name]:
-            w = data.eval_windows(m, i, frames)
+        windows = {i: data.eval_windows(m, i, frames) for i in vset.trials[m.name]}   # read once
+        x_stats = model.neural_statistics((w["responses"].to(device) for w in windows.values()),
+                                          coords=coords)
+        for i, w in windows.items():
             keep, s = w["keep"].reshape(-1), vset.stimulus[(m.name, i)]
             gx = model.encode(w["responses"].to(device), None, coords=coords, x_stats=x_stats)
             if s not in video_cache:
                 gy = model.encode(None, w["video"].to(device))
-                video_cache[s] = (gy, _per_frame(gy.mu_y, keep).cpu().numpy(),
-                                  _per_frame(gy.logvar_y, keep).cpu().numpy())
+                video_cache[s] = (gy, pnba.per_frame(gy.mu_y, keep), pnba.per_frame(gy.logvar_y, keep))
             gy, mu_y, logvar_y = video_cache[s]
             reps[m.name].append(data.TrialRep(m.name, str(m.tiers[i]), i, s, w["valid_frames"], not trained, {
-                "mu_x": _per_frame(gx.mu_x, keep).cpu().numpy(),
-                "logvar_x": _per_frame(gx.logvar_x, keep).cpu().numpy(), "mu_y": mu_y, "logvar_y": logvar_y}))
+                "mu_x": pnba.per_frame(gx.mu_x, keep), "logvar_x": pnba.per_frame(gx.logvar_x, keep),
+                "mu_y": mu_y, "logvar_y": logvar_y}))
             if trained and i in vset.scored.get(m.name, ()):
                 flat = [t.flatten(1) for t in (gx.mu_x, gx.logvar_x, gy.mu_y, gy.logvar_y)]
                 mu_p = kernels.poe(*flat)[0].view_as(gx.mu_x)
