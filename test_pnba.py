@@ -31,6 +31,8 @@ import data
 import extract
 import kernels
 import pnba
+import recordings.common
+import recordings.pairing
 import stats
 import stats_crossmodal
 import stats_zeroshot
@@ -38,6 +40,7 @@ import train
 from data import TrialRep, write_representations
 from kernels import fuse_sample_kl, match_loss
 from kernels import reference as ref
+from recordings import nwb, synthetic_nwb
 
 # ==================================================================================================
 # data: reader, normaliser, windows, pairing, synthetic writer (data)
@@ -290,7 +293,7 @@ def test_pairing_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     before = data.stimulus_groups([m])
     cache = os.path.join(path, ".pnba_stimulus_cache.npz")
     assert os.path.isfile(cache)
-    monkeypatch.setattr(data, "_thumbnail", lambda v: pytest.fail("cache not used"))
+    monkeypatch.setattr(recordings.pairing, "_thumbnail", lambda v: pytest.fail("cache not used"))
     assert data.stimulus_groups([m]) == before
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
@@ -301,7 +304,7 @@ def test_pairing_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     after = data.stimulus_groups([m])
     assert after[(m.name, i)] == after[(m.name, j)]
     # a read-only data folder: the cache goes to the user's cache dir
-    save = data._save_npz
+    save = recordings.common.save_npz
 
     def read_only(p, arrays):
         if p.startswith(path):
@@ -309,7 +312,7 @@ def test_pairing_cache_is_used_and_invalidated(tmp_path, monkeypatch):
         save(p, arrays)
 
     os.remove(cache)
-    monkeypatch.setattr(data, "_save_npz", read_only)
+    monkeypatch.setattr(recordings.pairing, "save_npz", read_only)
     assert data.stimulus_groups([m]) == after
     assert not os.path.exists(cache) and len(os.listdir(tmp_path / "user-cache" / "pnba")) == 1
 
@@ -2286,7 +2289,7 @@ def test_pairing_cache_is_keyed_on_content(tmp_path, monkeypatch):
     videos = [os.path.join(path, f"data/videos/{i}.npy") for i in m.trials()]
     for v in videos:                                   # new times, same content: the cache still holds
         os.utime(v, ns=(10**18, 10**18))
-    monkeypatch.setattr(data, "_thumbnail", lambda v: pytest.fail("cache not used"))
+    monkeypatch.setattr(recordings.pairing, "_thumbnail", lambda v: pytest.fail("cache not used"))
     assert data.stimulus_groups([data.Mouse(path)]) == before
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
@@ -2525,7 +2528,6 @@ def test_gpu_suite_checks_pass_on_cuda():
 # NWB reader and synthetic monkey data (issue 11, part 1)
 # ---------------------------------------------------------------------------------------------
 
-import nwb  # noqa: E402  (this section is appended; the module is the NWB data layer)
 
 
 @pytest.fixture(scope="session")
@@ -2552,7 +2554,7 @@ def _label(layout, c):
 def test_nwb_synthetic_set_layouts_sidecar_and_same_bytes(monkeys, tmp_path):
     root, files, cfg, arrays = monkeys
     assert cfg["train"] == ["C", "J"] and cfg["heldout"] == ["M"] and cfg["control"] == ["T"]
-    assert len(files) == 8 and arrays["latent"].shape[:2] == (8, nwb.LATENT_K)
+    assert len(files) == 8 and arrays["latent"].shape[:2] == (8, synthetic_nwb.LATENT_K)
     with h5py.File(cfg_file := files[0]) as f688, h5py.File(files[2]) as fmaze:   # C (000688), J (MC_Maze)
         assert "processing/behavior/Velocity/cursor_vel/data" in f688 and "move_onset_time" not in f688[
             "intervals/trials"]
@@ -2561,13 +2563,13 @@ def test_nwb_synthetic_set_layouts_sidecar_and_same_bytes(monkeys, tmp_path):
     assert _rel(root, cfg_file) in cfg["files"]
     small = dict(monkeys=(("A", "688", 12, ("M1", "PMd"), "train"), ("B", "maze", 9, ("M1",), "control")),
                  sessions=1, trials=12)
-    a = nwb.write_synthetic_nwb(str(tmp_path / "a"), seed=3, **small)
-    b = nwb.write_synthetic_nwb(str(tmp_path / "b"), seed=3, **small)
+    a = synthetic_nwb.write_synthetic_nwb(str(tmp_path / "a"), seed=3, **small)
+    b = synthetic_nwb.write_synthetic_nwb(str(tmp_path / "b"), seed=3, **small)
     for x, y in zip(a + [str(tmp_path / "a" / data.TRUTH_DIR / "truth.npz")],
                     b + [str(tmp_path / "b" / data.TRUTH_DIR / "truth.npz")], strict=True):
         assert open(x, "rb").read() == open(y, "rb").read()
     with pytest.raises(data.DataError, match="not an empty folder"):
-        nwb.write_synthetic_nwb(str(tmp_path / "a"), **small)
+        synthetic_nwb.write_synthetic_nwb(str(tmp_path / "a"), **small)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".synth-")]   # nothing half-written
 
 
