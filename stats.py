@@ -1,5 +1,6 @@
 """Statistics shared by stats_crossmodal.py and stats_zeroshot.py: correlation sets, centring, effect sizes,
-a stimulus-relabelling permutation test, a two-way ANOVA, and report / JSON / figure writing.
+a stimulus-relabelling permutation test, a two-way ANOVA, the trial / session / subject consistency
+hierarchy, and report / JSON / figure writing.
 
 Definitions (the reports repeat them):
 - r between two trials: Pearson r of the flattened (frames, latent) arrays over the frames both have (the
@@ -72,7 +73,7 @@ def load(path: str, read: Callable) -> list:
         raise StatsError(f"{path}: malformed representations file ({type(e).__name__}: {e})") from None
     if not trials:
         raise StatsError(f"{path}: holds no trials")
-    latent = None
+    latent = n_behaviour = None
     for t in trials:
         where = f"{path}: {t.mouse}/{t.tier}/{t.trial}"
         if "mu_x" not in t.arrays:
@@ -86,6 +87,14 @@ def load(path: str, read: Callable) -> list:
             latent = x.shape[1]
             if not np.isfinite(x).all():
                 raise StatsError(f"{where}/{name} holds non-finite values")
+        behaviour = t.arrays.get("behaviour")
+        if behaviour is not None:
+            if behaviour.ndim != 2 or (n_behaviour is not None and behaviour.shape[1] != n_behaviour):
+                raise StatsError(f"{where}/behaviour has shape {behaviour.shape}, expected (frames, "
+                                 f"{n_behaviour or 'D'})")
+            n_behaviour = behaviour.shape[1]
+            if not np.isfinite(behaviour).all():
+                raise StatsError(f"{where}/behaviour holds non-finite values")
     return trials
 
 
@@ -294,6 +303,95 @@ def pool(items: list[dict[str, Comparison]]) -> dict[str, Comparison]:
 def combine(results: list[dict[str, dict[str, Comparison]]]) -> dict[str, dict[str, Comparison]]:
     """Pool between()/within() results of disjoint trial sets (e.g. the animals of a group), kind by kind."""
     return {kind: pool([res[kind] for res in results]) for kind in results[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency hierarchy: trial, session and subject levels
+# ---------------------------------------------------------------------------------------------
+
+LEVELS = {"trial": "two trials of one session (one animal key), as the repeats",
+          "session": "trials of two sessions of one subject",
+          "subject": "trials of sessions of two different subjects"}
+HIERARCHY_GROUPS = {"heldout": "held-out non-control subjects only (zero-shot; the headline)",
+                    "train": "training subjects only",
+                    "train x heldout": "one training and one held-out non-control subject",
+                    "control": "any pair with a control subject"}
+
+
+def pair_group(roles: set[str]) -> str:
+    """The HIERARCHY_GROUPS key of an animal pair (or one animal) from the roles of its animals, each
+    "train", "heldout" or "control"."""
+    if "control" in roles:
+        return "control"
+    return "train x heldout" if len(roles) > 1 else next(iter(roles))
+
+
+def hierarchy(within_animal: dict[str, dict], between_animals: dict[tuple[str, str], dict],
+              subject: dict[str, str], role: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """Per-animal and per-pair comparisons pooled into the LEVELS of the consistency hierarchy, per group.
+
+    within_animal: {animal: within() result}; between_animals: {(a, b): between() result}; an animal is one
+    recording session; subject: {animal: subject}; role: {animal: "train"|"heldout"|"control"}. Returns
+    {group: {level: {"animals": ["a" or "a x b", ...], "comparisons": combine() of them}}}, groups in
+    HIERARCHY_GROUPS order, only the cells holding something. Pairs that share an animal are pooled with
+    independent relabellings (stats.pool), so the pooled null is approximate there.
+    """
+    cells: dict[tuple[str, str], list[tuple[str, dict]]] = {}
+    for animal, result in within_animal.items():
+        cells.setdefault((pair_group({role[animal]}), "trial"), []).append((animal, result))
+    for (a, b), result in between_animals.items():
+        level = "session" if subject[a] == subject[b] else "subject"
+        cells.setdefault((pair_group({role[a], role[b]}), level), []).append((f"{a} x {b}", result))
+    return {group: {level: {"animals": [name for name, _ in cells[group, level]],
+                            "comparisons": combine([res for _, res in cells[group, level]])}
+                    for level in LEVELS if (group, level) in cells}
+            for group in HIERARCHY_GROUPS if any((group, level) in cells for level in LEVELS)}
+
+
+def hierarchy_result(levels: dict[str, dict], ceiling: dict[str, dict] | None = None) -> dict:
+    """JSON entries of hierarchy() cells: {group: {level: {**result(), "n_animal_pairs", "animal_pairs"}}}
+    (trial level: animals, each paired with itself), and with ceiling (hierarchy() of the behaviour) also
+    "ceiling" (its result()) and "fraction_of_ceiling" (centred pooled d over the ceiling's)."""
+    out: dict[str, dict] = {}
+    for group, cells in levels.items():
+        for level, cell in cells.items():
+            entry = {**result(cell["comparisons"]), "n_animal_pairs": len(cell["animals"]),
+                     "animal_pairs": cell["animals"]}
+            reference = (ceiling or {}).get(group, {}).get(level)
+            if reference is not None:
+                entry["ceiling"] = result(reference["comparisons"])
+                entry["fraction_of_ceiling"] = ratio(entry["cohens_d"], entry["ceiling"]["cohens_d"])
+            out.setdefault(group, {})[level] = entry
+    return out
+
+
+def hierarchy_table(entries: dict[str, dict]) -> str:
+    """Text table of hierarchy_result() entries: centred, pooled over blocks; ceiling columns if present."""
+    with_ceiling = any("ceiling" in e for cells in entries.values() for e in cells.values())
+    head = (f"{'group':<16} {'level':<8} {'n_pairs':>7} {'n_stim':>6} {'paired_r':>8} {'unpaired_r':>10} "
+            f"{'d':>7} {'perm_p':>8}")
+    if with_ceiling:
+        head += f" {'ceiling_d':>9} {'ceil_p':>8} {'fraction':>8}"
+    lines = [head, "-" * len(head)]
+    for group, cells in entries.items():
+        for level, e in cells.items():
+            line = (f"{group:<16} {level:<8} {e['n_animal_pairs']:>7} {e['n_stimuli']:>6} "
+                    f"{fmt(e['paired_mean'], '.3f'):>8} {fmt(e['unpaired_mean'], '.3f'):>10} "
+                    f"{fmt(e['cohens_d'], '.2f'):>7} {fmt(e['perm_p'], '.3g'):>8}")
+            if "ceiling" in e:
+                ceiling = e["ceiling"]
+                line += (f" {fmt(ceiling['cohens_d'], '.2f'):>9} {fmt(ceiling['perm_p'], '.3g'):>8} "
+                         f"{fmt(e['fraction_of_ceiling'], '.2f'):>8}")
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def ratio(value: float, reference: float) -> float:
+    """value / reference (e.g. d over its ceiling d); NaN unless both are finite and reference > 0."""
+    if value is None or reference is None or not (np.isfinite(value) and np.isfinite(reference)) \
+            or reference <= 0:
+        return float("nan")
+    return float(value / reference)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """python stats_zeroshot.py [reps.h5] [--out DIR] [--permutations 1000] [--seed 0]
     [--baselines pca_cca,cebra,pca,stimulus] [--data DIR ...] [--pcs 8] [--splits 5] [--log1p]
-    [--cebra-iterations 2000]
+    [--cebra-iterations 2000] [--control SUBJECT,...]
 python stats_zeroshot.py runs/demo/reps.h5 --out results/
 python stats_zeroshot.py runs/demo/reps.h5 --baselines pca_cca,cebra,pca,stimulus
+python stats_zeroshot.py runs/monkey/reps.h5 --control T --data data_synth/monkey
 
 Zero-shot preserved representations: for every pair of animals that share stimuli (pairs of held-out
 animals first, flagged), r(mu_x of A, mu_x of B) for trials of the same stimulus (paired) against all other
@@ -21,6 +22,27 @@ responses and videos of the trials in the representations file from the data fol
 before the neural PCA, --cebra-iterations training steps per split (CPU: about 0.1-0.3 s each).
 Adds "baselines" to zeroshot.json, a table (also printed) and per-block tables to zeroshot.txt, and
 zeroshot_baselines.png (one column per method, same axes as zeroshot_blocks.png).
+
+Recordings with behaviour (monkey reaching: the trials carry "behaviour", the true hand velocity per frame,
+and the stimulus is the reach condition) add three sections; a file without them (Sensorium) gets none.
+--control names negative-control subjects (default none; the file does not say which they are); held-out
+animals are those the representations file marks held out (never trained on).
+- Condition ceiling (every trial carries "behaviour"): every pair and every animal's repeats also scored on
+  the behaviour instead of mu_x, same statistics; "ceiling" (its result) and "fraction_of_ceiling" (PNBA's
+  centred d / ceiling d) in each entry of "pairs" and "repeats", and a table in zeroshot.txt.
+- Consistency hierarchy (some subject has more than one session, i.e. animal key): trial level (pairs of
+  trials within a session: the repeats), session level (pairs of sessions of one subject) and subject
+  level (sessions of different subjects), each same condition vs different, pooled per group: heldout
+  (held-out non-control subjects only, zero-shot: the headline), train, train x heldout, control (any pair
+  with a control subject); with behaviour, the ceiling per cell. "hierarchy" in zeroshot.json, a table
+  (also printed) and zeroshot_hierarchy.png (rows: groups, columns: levels).
+- Behaviour decoding (every trial carries "behaviour", and there are training and held-out non-control
+  animals; decoding.py): linear ridge, MLP and GRU from mu_x per frame to the behaviour, fitted on the
+  training animals and scored (R²) on held-out ones with no refit; beside it the within-animal bound (k-fold
+  inside each held-out animal), the same zero-shot fit from mu_y (cross-modal reference) and a ridge on the
+  held-out sessions' smoothed, lagged spike counts (the classic within-animal decoder; its NWB files are
+  found by subject and session under --data or the config's data folders; one "skipped" line if they
+  cannot be read). "decoding" in zeroshot.json, a table (also printed) in zeroshot.txt.
 """
 
 from __future__ import annotations
@@ -34,14 +56,15 @@ import numpy as np
 import baselines
 import config
 import data
+import decoding
 import stats
 from data import TrialRep
 
 MATRIX_TRIALS = 48        # at most this many trials per side in the similarity-matrix figure
 
 
-def _columns(trials: list[TrialRep]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    return [t.arrays["mu_x"] for t in trials], np.array([t.stimulus for t in trials]), \
+def _columns(trials: list[TrialRep], array: str = "mu_x") -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    return [t.arrays[array] for t in trials], np.array([t.stimulus for t in trials]), \
         np.array([t.tier for t in trials])
 
 
@@ -66,8 +89,9 @@ def matrix_figure(a: list[TrialRep], b: list[TrialRep], title: str, rng: np.rand
 
 
 def analyse(trials: list, path: str, n_perm: int, seed: int, options: dict | None = None) -> dict[str, bytes]:
-    """Read the representations, compare, and render {file name: content}. options: the baselines to run
-    beside PNBA (see baseline_section), or None."""
+    """Read the representations, compare, and render {file name: content}. options (or None): the
+    baselines to run beside PNBA (see baseline_section), "control" (subjects that are negative controls)
+    and "spikes" (the rates baseline's reader, see decoding_section)."""
     animals = stats.by_animal([t for t in trials if t.stimulus >= 0])
     stimuli = {m: {t.stimulus for t in ts} for m, ts in animals.items()}
     heldout = {m: ts[0].heldout for m, ts in animals.items()}
@@ -78,22 +102,33 @@ def analyse(trials: list, path: str, n_perm: int, seed: int, options: dict | Non
         raise stats.StatsError(f"{path}: no two animals share a stimulus")
     baseline = options and options.get("names")
     sessions = open_sessions(animals, path, options) if baseline else None    # fail before the work
+    role = roles(animals, (options or {}).get("control") or (), path)
     rng = np.random.default_rng(seed)
 
     entries, centred = [], []         # centred comparisons are kept for the ANOVA and the figures
+    pair_comparisons, repeat_comparisons = {}, {}      # all kinds, for the hierarchy
     for a, b in pairs:
         (xa, la, ta), (xb, lb, tb) = _columns(animals[a]), _columns(animals[b])
         c = stats.between(xa, xb, la, lb, ta, tb, n_perm, rng)
         entries.append({"a": a, "b": b, "heldout": heldout[a] and heldout[b], **stats.result(c)})
         centred.append(c["centred"])
-    repeats, repeat_comparisons = {}, []
+        pair_comparisons[a, b] = c
+    repeats = {}
     for mouse, trials in animals.items():
         x, labels, tiers = _columns(trials)
         if len(np.unique(labels)) == len(labels):
             continue
         c = stats.within(x, labels, tiers, n_perm, rng)
         repeats[mouse] = {"heldout": heldout[mouse], **stats.result(c)}
-        repeat_comparisons.append(c["centred"])
+        repeat_comparisons[mouse] = c
+    with_behaviour = all("behaviour" in t.arrays for ts in animals.values() for t in ts)
+    ceiling_pairs, ceiling_repeats = condition_ceiling(animals, pairs, list(repeats), n_perm, seed) \
+        if with_behaviour else ({}, {})
+    if with_behaviour:
+        for e in entries:
+            add_ceiling(e, ceiling_pairs[e["a"], e["b"]])
+        for mouse, e in repeats.items():
+            add_ceiling(e, ceiling_repeats[mouse])
     anova = None
     if len(pairs) > 1:
         anova = stats.two_way_anova([[c["pooled"].paired, c["pooled"].unpaired] for c in centred],
@@ -125,13 +160,30 @@ def analyse(trials: list, path: str, n_perm: int, seed: int, options: dict | Non
 
     rows = [("held-out pairs", [c for c, e in zip(centred, entries, strict=True) if e["heldout"]]),
             ("other pairs", [c for c, e in zip(centred, entries, strict=True) if not e["heldout"]]),
-            ("repeats within animals", repeat_comparisons)]
+            ("repeats within animals", [c["centred"] for c in repeat_comparisons.values()])]
     panels = [[(f"{name}, {block} (centred)", stats.pool(cs)[block]) for block in ("pooled", *stats.BLOCKS)]
               for name, cs in rows if cs]
     a, b = pairs[0]
     files = {"zeroshot_blocks.png": stats.histogram_figure(panels, "same stimulus (paired) vs other pairs"),
              "zeroshot_matrix.png": matrix_figure(animals[a], animals[b], f"{names[0]}, trials by stimulus",
                                                   np.random.default_rng(seed))}
+    if with_behaviour:
+        lines += ["", *ceiling_lines(names, entries, repeats)]
+    subject = subjects(animals)
+    if len(set(subject.values())) < len(subject):       # a subject with several sessions: a session level
+        levels = stats.hierarchy(repeat_comparisons, pair_comparisons, subject, role)
+        ceiling = stats.hierarchy(ceiling_repeats, ceiling_pairs, subject, role) if with_behaviour else None
+        controls = sorted({subject[m] for m in animals if role[m] == "control"})
+        out["hierarchy"] = {"levels": stats.LEVELS, "groups": stats.HIERARCHY_GROUPS, "controls": controls,
+                            "note": HIERARCHY_NOTE, "results": stats.hierarchy_result(levels, ceiling)}
+        summary = hierarchy_lines(out["hierarchy"]["results"], controls)
+        lines += ["", *summary]
+        print("\n".join(summary))
+        files["zeroshot_hierarchy.png"] = hierarchy_figure(levels, out["hierarchy"]["results"])
+    if with_behaviour:
+        out["decoding"], summary = decoding_section(animals, role, path, seed, options or {})
+        lines += ["", *summary]
+        print("\n".join(summary))
     if baseline:
         out["baselines"], summary, detail, files["zeroshot_baselines.png"] = baseline_section(
             animals, sessions, pairs, entries, centred, n_perm, seed, options)
@@ -139,6 +191,217 @@ def analyse(trials: list, path: str, n_perm: int, seed: int, options: dict | Non
         print("\n".join(summary))
     text = ("\n".join(lines) + "\n").encode()
     return {"zeroshot.json": stats.json_bytes(out), "zeroshot.txt": text, **files}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recordings with behaviour and subject labels (monkey reaching): ceiling, hierarchy, decoding
+# ---------------------------------------------------------------------------------------------
+
+def subjects(animals: dict[str, list[TrialRep]]) -> dict[str, str]:
+    """{animal: its subject}; an animal without a subject label is its own subject."""
+    return {m: ts[0].subject or m for m, ts in animals.items()}
+
+
+def roles(animals: dict[str, list[TrialRep]], controls, path: str) -> dict[str, str]:
+    """{animal: "control" (its subject is one of controls), "heldout" (TrialRep.heldout) or "train"};
+    StatsError for a control subject that is not in the file."""
+    subject = subjects(animals)
+    unknown = sorted(set(controls) - set(subject.values()))
+    if unknown:
+        raise stats.StatsError(f"{path}: --control {','.join(unknown)}: no such subject (subjects: "
+                               f"{','.join(sorted(set(subject.values())))})")
+    return {m: "control" if subject[m] in controls else "heldout" if ts[0].heldout else "train"
+            for m, ts in animals.items()}
+
+
+def condition_ceiling(animals: dict[str, list[TrialRep]], pairs: list[tuple[str, str]],
+                      repeat_animals: list[str], n_perm: int, seed: int) -> tuple[dict, dict]:
+    """The PNBA statistics on the true behaviour instead of mu_x: how far same-condition trials resemble
+    each other in the kinematics themselves. Returns ({(a, b): between()}, {animal: within()})."""
+    rng = np.random.default_rng([seed, 1])       # its own stream: PNBA's permutations stay as without it
+    between = {}
+    for a, b in pairs:
+        (xa, la, ta), (xb, lb, tb) = _columns(animals[a], "behaviour"), _columns(animals[b], "behaviour")
+        between[a, b] = stats.between(xa, xb, la, lb, ta, tb, n_perm, rng)
+    within = {m: stats.within(*_columns(animals[m], "behaviour"), n_perm, rng) for m in repeat_animals}
+    return between, within
+
+
+def add_ceiling(entry: dict, ceiling: dict) -> None:
+    """Put the ceiling's result() and PNBA's d as a fraction of the ceiling's into a result() entry."""
+    entry["ceiling"] = stats.result(ceiling)
+    entry["fraction_of_ceiling"] = stats.ratio(entry["cohens_d"], entry["ceiling"]["cohens_d"])
+
+
+def ceiling_lines(names: list[str], entries: list[dict], repeats: dict[str, dict]) -> list[str]:
+    """Text table: PNBA's centred pooled statistics beside the same on the behaviour, per pair and animal."""
+    rows = [*zip(names, entries, strict=True), *((f"repeats in {m}", e) for m, e in repeats.items())]
+    width = max(len(name) for name, _ in [*rows, ("pair", None)])
+    head = (f"{'pair':<{width}} {'paired_r':>8} {'unpaired_r':>10} {'d':>7} {'perm_p':>8} "
+            f"{'ceil_paired':>11} {'ceil_unpaired':>13} {'ceiling_d':>9} {'ceil_p':>8} {'fraction':>8}")
+    lines = ["== condition ceiling: the same statistics on the true behaviour (centred, pooled over blocks); "
+             "fraction = d / ceiling d", head, "-" * len(head)]
+    for name, e in rows:
+        c = e["ceiling"]
+        lines.append(f"{name:<{width}} {stats.fmt(e['paired_mean'], '.3f'):>8} "
+                     f"{stats.fmt(e['unpaired_mean'], '.3f'):>10} {stats.fmt(e['cohens_d'], '.2f'):>7} "
+                     f"{stats.fmt(e['perm_p'], '.3g'):>8} {stats.fmt(c['paired_mean'], '.3f'):>11} "
+                     f"{stats.fmt(c['unpaired_mean'], '.3f'):>13} {stats.fmt(c['cohens_d'], '.2f'):>9} "
+                     f"{stats.fmt(c['perm_p'], '.3g'):>8} {stats.fmt(e['fraction_of_ceiling'], '.2f'):>8}")
+    return lines
+
+
+HIERARCHY_NOTE = ("each cell pools its animals or pairs (stats.pool); pairs sharing a session are relabelled "
+                  "independently, so the pooled permutation null is approximate there; n_pairs at the trial "
+                  "level counts sessions")
+
+
+def hierarchy_lines(results: dict, controls: list[str]) -> list[str]:
+    """The hierarchy table with what its levels and groups mean."""
+    return ["== consistency hierarchy: same condition vs different, centred, pooled over blocks (perm p); "
+             "ceiling = the same on the true behaviour",
+             *(f"{level:<8} {meaning}" for level, meaning in stats.LEVELS.items()),
+             *(f"{group:<16} {meaning}" for group, meaning in stats.HIERARCHY_GROUPS.items()),
+             f"controls: {', '.join(controls)}" if controls else
+             "controls: none named (--control): held-out rows hold every held-out subject",
+             HIERARCHY_NOTE, stats.hierarchy_table(results)]
+
+
+def hierarchy_figure(levels: dict[str, dict], results: dict) -> bytes:
+    """One row per group, one column per level: centred paired vs unpaired r (stats.histogram_figure)."""
+    panels = []
+    for group, cells in levels.items():
+        row = []
+        for level in stats.LEVELS:
+            if level not in cells:
+                row.append(("", None))
+                continue
+            e = results[group][level]
+            n = e["n_animal_pairs"]
+            unit = ("animal" if level == "trial" else "pair") + ("s" if n > 1 else "")
+            name = f"{group}: {level} level ({n} {unit})"
+            if "ceiling" in e:
+                name += f", behaviour d = {stats.fmt(e['ceiling']['cohens_d'], '.2f')}"
+            row.append((name, cells[level]["comparisons"]["centred"]["pooled"]))
+        panels.append(row)
+    return stats.histogram_figure(panels, "consistency hierarchy, centred: same condition (paired) vs other "
+                                          "pairs")
+
+
+DECODING_METHOD = {
+    "zero_shot": "each decoder fitted once on all analysed trials of the training animals (mu_x per frame -> "
+                 "behaviour), scored with no refit; groups: heldout (held-out non-control animals), control, "
+                 "train (in-sample: the fitting trials themselves)",
+    "within_animal": f"the bound: the same decoders fitted and scored inside each held-out animal, "
+                     f"{decoding.FOLDS}-fold over its trials, stratified by condition",
+    "cross_modal": "the zero-shot fit from mu_y, which is computed from the kinematics: a reference, not a "
+                   "neural result",
+    "rates_ridge": f"within-animal ridge from Gaussian-smoothed spike counts (sd {decoding.SMOOTH_BINS} "
+                   f"bins, {decoding.HISTORY} lagged bins), {decoding.FOLDS}-fold over the spike reader's "
+                   "trials (default: every successful trial of the session's NWB file); NaN counts (unit not "
+                   "observed) imputed with the unit's mean over the observed bins of the fitting fold",
+    "r2": "1 - SSE/SST per velocity component over all frames of all scored trials, SST about their own "
+          "mean; 'mean' averages the components",
+    "decoders": f"linear: ridge, alpha by {decoding.FOLDS}-fold CV over trials; mlp: one hidden layer of "
+                f"{decoding.HIDDEN_MLP}; gru: {decoding.HIDDEN_GRU} units over a trial's frames; inputs "
+                "standardised with the fitting set's statistics; networks early-stopped on held-out trials",
+}
+RATES_TARGET = 0.8        # zero-shot linear R² should reach this fraction of the within-animal rates ridge
+
+
+def decoding_section(animals: dict[str, list[TrialRep]], role: dict[str, str], path: str, seed: int,
+                     options: dict) -> tuple[dict, list[str]]:
+    """Zero-shot behaviour decoding (decoding.py) from mu_x, the within-animal bound, the mu_y reference
+    and the rates ridge on the held-out animals' spikes (options["spikes"], a callable (animals, path) ->
+    {animal: (spikes (T, N) per trial, velocity (T, D) per trial, conditions)}; default nwb_spikes). A
+    part that cannot run is one "skipped" line. Returns (JSON entry, text lines)."""
+    fit_on = [m for m in animals if role[m] == "train"]
+    heldout = [m for m in animals if role[m] == "heldout"]
+    control = [m for m in animals if role[m] == "control"]
+    title = "== zero-shot behaviour decoding: R² of the behaviour (mean over components)"
+    if not fit_on or not heldout:
+        reason = f"decoding skipped: needs training and held-out animals ({len(fit_on)} training, " \
+                 f"{len(heldout)} held-out non-control)"
+        return {"skipped": reason}, [title, reason]
+
+    def arrays(name: str) -> dict[str, list[np.ndarray]]:
+        return {m: [t.arrays[name] for t in ts] for m, ts in animals.items()}
+
+    behaviour, labels = arrays("behaviour"), {m: [t.stimulus for t in ts] for m, ts in animals.items()}
+    out = {"method": DECODING_METHOD, "fit_on": fit_on, "heldout": heldout, "control": control,
+           "zero_shot": decoding.zero_shot(arrays("mu_x"), behaviour, labels, fit_on,
+                                           {"heldout": heldout, "control": control, "train": fit_on}, seed),
+           "within_animal": decoding.within_animal(arrays("mu_x"), behaviour, labels, heldout, seed=seed)}
+    if all("mu_y" in t.arrays for ts in animals.values() for t in ts):
+        out["cross_modal"] = decoding.zero_shot(arrays("mu_y"), behaviour, labels, fit_on,
+                                                {"heldout": heldout}, seed)
+    else:
+        out["cross_modal"] = {"skipped": "cross-modal reference skipped: some trials have no mu_y"}
+    read_spikes = options.get("spikes") or (lambda chosen, at: nwb_spikes(chosen, at, options))
+    try:
+        raw = read_spikes({m: animals[m] for m in heldout}, path)
+        out["rates_ridge"] = decoding.rates_baseline({m: raw[m][0] for m in heldout},
+                                                     {m: raw[m][1] for m in heldout},
+                                                     {m: raw[m][2] for m in heldout}, seed)
+        out["linear_over_rates"] = stats.ratio(out["zero_shot"]["linear"]["groups"]["heldout"]["mean"],
+                                               out["rates_ridge"]["pooled"]["mean"])
+    except stats.StatsError as e:
+        out["rates_ridge"] = {"skipped": f"rates baseline skipped: {e}"}
+    return out, [title, *decoding_lines(out)]
+
+
+def decoding_lines(out: dict) -> list[str]:
+    """Text table of decoding_section's entry: one row per decoder, one column per set scored."""
+    columns = [("zero-shot", out["zero_shot"], "heldout"), ("within", out["within_animal"], None),
+               ("mu_y ref", out["cross_modal"], "heldout"), ("control", out["zero_shot"], "control"),
+               ("train fit", out["zero_shot"], "train")]
+    columns = [(name, entry, group) for name, entry, group in columns
+               if "skipped" not in entry and (group is None or group in entry["linear"]["groups"])]
+
+    def mean(entry: dict, group: str | None) -> float:
+        return entry["pooled"]["mean"] if group is None else entry["groups"][group]["mean"]
+
+    head = f"{'decoder':<8}" + "".join(f" {name:>10}" for name, _, _ in columns)
+    lines = [f"training animals: {', '.join(out['fit_on'])}; held-out: {', '.join(out['heldout'])}; control: "
+             f"{', '.join(out['control']) or 'none named (--control)'}",
+             "zero-shot = fitted on the training animals' mu_x, scored on the held-out ones with no refit; "
+             "within = k-fold inside each held-out animal (the bound); mu_y ref = the zero-shot fit from "
+             "mu_y (computed from the kinematics); train fit = in-sample", head, "-" * len(head)]
+    for decoder in decoding.DECODERS:
+        lines.append(f"{decoder:<8}" + "".join(f" {stats.fmt(mean(entry[decoder], group), '.3f'):>10}"
+                                               for _, entry, group in columns))
+    lines += [entry["skipped"] for entry in (out["cross_modal"], out["rates_ridge"]) if "skipped" in entry]
+    if "skipped" not in out["rates_ridge"]:
+        rates = out["rates_ridge"]["pooled"]["mean"]
+        lines.append(f"rates ridge (within-animal, spike counts): R² {stats.fmt(rates, '.3f')}; "
+                     f"zero-shot linear / rates ridge = {stats.fmt(out['linear_over_rates'], '.2f')} "
+                     f"(target >= {RATES_TARGET})")
+    lines += ["zero-shot R² per held-out animal: " + "; ".join(
+        f"{m} " + ", ".join(f"{d} {stats.fmt(out['zero_shot'][d]['animals'][m]['mean'], '.3f')}"
+                            for d in decoding.DECODERS) for m in out["heldout"])]
+    return lines
+
+
+def nwb_spikes(animals: dict[str, list[TrialRep]], path: str, options: dict) -> dict[str, tuple]:
+    """{animal: (spike counts (T, N) per trial, NaN where a unit was not recorded; velocity (T, D) per trial;
+    conditions)} of each animal's trials in the representations file, read from the data folders (--data or
+    the file's config) and opened as that config's data section says (bins, window, area), so that the
+    trials and bins are the model's. StatsError when they cannot be read."""
+    cfg, paths = data_section(path, options, "the rates baseline reads spike counts")
+    try:
+        monkeys = {m.name: m for m in data.mice_from_config(cfg, paths)}
+    except data.DataError as e:
+        raise stats.StatsError(str(e)) from None
+    out = {}
+    for name, trials in animals.items():
+        if name not in monkeys or not hasattr(monkeys[name], "session_data"):
+            raise stats.StatsError(f"{path}: session {name} is not among the NWB sessions in "
+                                   f"{', '.join(paths)}")
+        m = monkeys[name]
+        spikes = m.session_data.spikes[:, :, m.units]
+        out[name] = ([spikes[t.trial] for t in trials], [m.behaviour(t.trial) for t in trials],
+                     np.array([t.stimulus for t in trials]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,19 +417,26 @@ def short_names(names) -> dict[str, str]:
     return short if len(set(short.values())) == len(short) else {n: n for n in names}
 
 
-def open_sessions(animals: dict[str, list], path: str, options: dict) -> dict[str, baselines.Session]:
-    """A baselines.Session per analysed animal: its trials of the representations file, read from the data
-    folders named by the file's config (or options["data"]), opened as that config's data section says."""
+def data_section(path: str, options: dict, reader: str) -> tuple[config.DataConfig, list[str]]:
+    """The data section of the representations file's config and the data folders to read (options["data"]
+    if given, else the config's); StatsError naming `reader` (what reads them) when there are none."""
     attrs = options.get("attrs") or {}
     try:
         cfg = config.from_dict(json.loads(attrs["config"])).data if "config" in attrs else config.DataConfig()
     except (json.JSONDecodeError, TypeError, AttributeError, config.ConfigError) as e:
-        raise stats.StatsError(f"{path}: unreadable config attribute ({type(e).__name__}: {e}); "
-                               "the baselines need its data section") from None
+        raise stats.StatsError(f"{path}: unreadable config attribute ({type(e).__name__}: {e}); {reader} "
+                               "from the data folders its data section names") from None
     paths = list(options.get("data") or cfg.paths)
     if not paths:
-        raise stats.StatsError(f"{path}: names no data folders (no config with data.paths); the baselines "
-                               "read responses and videos from them: pass --data")
+        raise stats.StatsError(f"{path}: names no data folders (no config with data.paths); {reader} "
+                               "from them: pass --data")
+    return cfg, paths
+
+
+def open_sessions(animals: dict[str, list], path: str, options: dict) -> dict[str, baselines.Session]:
+    """A baselines.Session per analysed animal: its trials of the representations file, read from the data
+    folders named by the file's config (or options["data"]), opened as that config's data section says."""
+    cfg, paths = data_section(path, options, "the baselines read responses and videos")
     mice = {m.name: m for m in data.mice_from_config(cfg, paths)}
     missing = [m for m in animals if m not in mice]
     if missing:
@@ -252,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=int, default=baselines.SPLITS)
     parser.add_argument("--log1p", action="store_true")
     parser.add_argument("--cebra-iterations", type=int, default=baselines.CEBRA_PARAMS["max_iterations"])
+    parser.add_argument("--control", default="")
     options, rest = parser.parse_known_args(argv)
     names = [n for n in options.baselines.split(",") if n]
+    controls = [n for n in options.control.split(",") if n]
     unknown = [n for n in names if n not in baselines.BASELINES]
     if unknown:
         parser.error(f"--baselines: unknown {', '.join(unknown)}; valid: {','.join(baselines.BASELINES)}")
@@ -267,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         return trials, file_attrs
 
     def run(trials: list, path: str, n_perm: int, seed: int) -> dict[str, bytes]:
-        return analyse(trials, path, n_perm, seed, {**vars(options), "names": names, "attrs": attrs})
+        return analyse(trials, path, n_perm, seed,
+                       {**vars(options), "names": names, "control": controls, "attrs": attrs})
 
     return stats.run_cli(__doc__, rest, run, read, (data.DataError, config.ConfigError))
 
