@@ -5,9 +5,10 @@
     rates = fit.predict(mouse, trial)                                     # (T, N) predicted responses
 
 `pixel_ridge` is the linear-nonlinear anchor for the stimulus -> neural prediction: a ridge regression
-from the video, average-pooled to a coarse grid, with a few frames of history and the squares of those
-features (a quadratic nonlinearity), to every neuron's response. It is what a user asks a deep model to
-beat, and it reads the video exactly as the model does (data.Mouse.normalised, the config's video size).
+from the video, average-pooled to a coarse grid (or from the behaviour of an NWB monkey, e.g. velocity),
+with a few frames of history and the squares of those features (a quadratic nonlinearity), to every
+neuron's response. It is what a user asks a deep model to beat, and it reads the stimulus exactly as the
+model does (normalised(), the config's video size).
 
 The alignment baselines beside the zero-shot analysis (`stats_zeroshot.py --baselines`) take, per animal, a
 Session: per-trial neural arrays, per-trial stimulus (or behaviour) features and the stimulus label of each
@@ -49,10 +50,13 @@ RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 RIDGE_FOLDS = 4
 
 
-def _features(video: torch.Tensor) -> np.ndarray:
-    """(T, H, W) video -> (T, 2 * lags * gh * gw) pooled pixels with their history (zeros before frame 0),
-    and their squares."""
-    pooled = F.adaptive_avg_pool2d(video[:, None].double(), RIDGE_GRID).flatten(1).numpy()     # (T, G)
+def _features(stimulus: torch.Tensor) -> np.ndarray:
+    """(T, H, W) video pooled to RIDGE_GRID (G = gh * gw), or (T, G) behaviour as it is -> (T, 2 * lags * G):
+    the features with their history (zeros before frame 0), and their squares."""
+    if stimulus.dim() == 2:
+        pooled = stimulus.double().numpy()
+    else:
+        pooled = F.adaptive_avg_pool2d(stimulus[:, None].double(), RIDGE_GRID).flatten(1).numpy()
     lagged = np.concatenate([np.concatenate([np.zeros((k, pooled.shape[1])), pooled[:len(pooled) - k]])
                              for k in range(RIDGE_LAGS)], axis=1)
     return np.concatenate([lagged, lagged ** 2], axis=1)

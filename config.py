@@ -61,13 +61,20 @@ class ModelConfig:
     temporal_kernel: int = 5          # temporal kernel of the video 3-D convs
     video_to_neural: str = "pool"     # "nearest" (published) | "pool"
     video_attention_residual: bool = False  # add the input back around the video attention (published: no)
+    # stimulus modality y: "video" (Sensorium, the video branch above) | "behaviour" (a low-dimensional time
+    # series (B, T, D) such as hand velocity, NWB monkeys: a temporal ResNet encoder and decoder)
+    stimulus: str = "video"
+    behaviour_dim: int = 2            # "behaviour": D
+    behaviour_channels: int = 64      # "behaviour": width of the temporal ResNet
+    behaviour_blocks: int = 2         # "behaviour": residual blocks in the encoder and in the decoder
+    unit_dropout: float = 0.0         # training: each neuron hidden from the neural encoder with prob. p
     checkpointing: bool = False       # recompute the full-resolution stages in backward (less memory)
     kernels: str = "auto"             # "auto" (Triton on CUDA) | "triton" | "torch"
     # loss weights (published: all 1)
     w_poisson: float = 1.0            # Poisson NLL of responses from the fused sample
     w_poisson_cross: float = 1.0      # ... from the stimulus sample (cross-modal encoding)
-    w_video: float = 1.0              # squared error of video from the fused sample
-    w_video_cross: float = 1.0        # ... from the neural sample (cross-modal decoding)
+    w_stimulus: float = 1.0           # squared error of the stimulus (video/behaviour) from the fused sample
+    w_stimulus_cross: float = 1.0     # ... from the neural sample (cross-modal decoding)
     w_kl_fusion: float = 1.0          # KL(q_p||q_x) + KL(q_p||q_y)
     w_kl_cross: float = 1.0           # KL(q_x||q_y) + KL(q_y||q_x)
     w_match: float = 1.0              # probabilistic matching BCE
@@ -86,6 +93,10 @@ class DataConfig:
     width: int = 64                   # video width after resizing
     std_floor: float = 0.01           # response std floor, as a fraction of the mean std
     synth_preset: str = "demo"        # synthetic dataset written when paths is empty
+    # NWB recordings (data.paths naming .nwb files or folders holding them): one animal per session
+    bin_ms: float = 20.0              # spike-count and kinematics bin width
+    window_ms: tuple[float, float] = (-250.0, 450.0)  # trial window around movement onset
+    area: str = ""                    # only the units of this area ("M1", "PMd"); "": all
 
 
 @dataclass
@@ -151,6 +162,28 @@ def _demo() -> Config:
     return cfg
 
 
+def _monkey() -> Config:
+    """The demo's recipe for NWB monkeys (stimulus = hand velocity): trains on the synthetic monkeys in a few
+    minutes on 2 CPU cores. A window is a whole trial: -250 ... +450 ms around movement onset in 20 ms
+    bins."""
+    cfg = Config()
+    m = cfg.model
+    m.stimulus, m.behaviour_dim, m.behaviour_channels, m.behaviour_blocks = "behaviour", 2, 32, 2
+    m.neural_projector, m.neural_readout = "set", "neuron"
+    # 16 slots and 2 levels (latent (B, 8, 4, T) as in the paper): a window is 35 frames, and the slots'
+    # attention over slots x frames positions is what costs on CPU
+    m.proj_neurons, m.set_slots, m.proj_channels, m.set_token_dim = 16, 16, 32, 32
+    m.base_channel, m.ch_mult = 16, (1, 2)
+    cfg.data.frames, cfg.data.batch_size, cfg.data.num_workers = 35, 16, 0
+    cfg.data.synth_preset = "monkey"
+    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs, cfg.optim.min_lr = 1e-3, 50, 20, 1e-5
+    _learning_objective(cfg)
+    m.readout_bias_init, m.latent_readout, cfg.optim.readout_lr_scale = "mean", True, 10.0
+    m.unit_dropout = 0.3
+    cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 20, 10, 30
+    return cfg
+
+
 def _learning_objective(cfg: Config) -> None:
     """The changes to the published objective that apply to any architecture (README "Objective")."""
     m = cfg.model
@@ -189,7 +222,7 @@ def _tiny() -> Config:
     return cfg
 
 
-PRESETS = {"paper": _paper, "recommended": _recommended, "demo": _demo, "tiny": _tiny}
+PRESETS = {"paper": _paper, "recommended": _recommended, "demo": _demo, "monkey": _monkey, "tiny": _tiny}
 
 
 def preset(name: str) -> Config:
@@ -284,14 +317,20 @@ def parse_overrides(cfg: Config, argv: list[str], allowed=None) -> tuple[Config,
     return cfg, rest
 
 
+# keys that were renamed, so that checkpoints written before the rename still load
+RENAMED_KEYS = {"model.w_video": "model.w_stimulus", "model.w_video_cross": "model.w_stimulus_cross"}
+
+
 def from_dict(d: dict) -> Config:
-    """Rebuild a Config from `to_dict` output; unknown keys are rejected."""
+    """Rebuild a Config from `to_dict` output; unknown keys are rejected (RENAMED_KEYS are taken under their
+    new names)."""
     cfg = Config()
     for section, values in d.items():
         if section not in _sections():
             raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(_sections())}")
         for name, value in values.items():
-            set_key(cfg, f"{section}.{name}", value)
+            key = f"{section}.{name}"
+            set_key(cfg, RENAMED_KEYS.get(key, key), value)
     return cfg
 
 
@@ -312,8 +351,9 @@ CHOICES = {
     "model.readout_bias_init": ("zero", "mean"),
     "model.mean_norm": ("none", "batch"),
     "model.video_to_neural": ("nearest", "pool"),
+    "model.stimulus": ("video", "behaviour"),
     "model.kernels": ("auto", "triton", "torch"),
-    "data.synth_preset": ("tiny", "demo"),           # data.SYNTH_PRESETS (a test keeps the two equal)
+    "data.synth_preset": ("tiny", "demo", "monkey"),  # data's synthetic presets (a test keeps them equal)
     "run.device": ("auto", "cpu", "cuda"),           # and cuda:<index>
 }
 _AT_LEAST_0, _AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
@@ -323,11 +363,15 @@ RANGES = {   # every number not listed here must be >= 0; tuples: every element
                      "model.set_token_dim", "model.readout_channels", "model.base_channel", "model.ch_mult",
                      "model.z_channels", "model.video_features", "model.temporal_kernel", "data.frames",
                      "data.batch_size", "data.height", "data.width", "optim.epochs", "optim.max_nonfinite",
-                     "run.log_every"], _AT_LEAST_1),
-    **dict.fromkeys(["model.proj_dropout", "model.dropout", "optim.betas", "optim.stable_fraction"],
+                     "run.log_every", "model.behaviour_dim", "model.behaviour_channels"],
+                    _AT_LEAST_1),
+    **dict.fromkeys(["model.proj_dropout", "model.dropout", "model.unit_dropout", "optim.betas",
+                     "optim.stable_fraction"],
                     _FRACTION),
-    **dict.fromkeys(["model.match_scale_init", "optim.lr", "optim.readout_lr_scale"], _POSITIVE),
+    **dict.fromkeys(["model.match_scale_init", "optim.lr", "optim.readout_lr_scale", "data.bin_ms"],
+                    _POSITIVE),
     "optim.warmup_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.window_ms": (lambda v: True, "any time"),      # before and after movement onset
 }
 
 
@@ -414,6 +458,8 @@ def validate(cfg: Config) -> Config:
         if cfg.data.height % levels or cfg.data.width % levels:
             problems.append(f"data.height and data.width ({cfg.data.height}x{cfg.data.width}) must be "
                             f"divisible by 2^(len(model.video_features) - 1) = {levels}")
+        if cfg.data.window_ms[1] - cfg.data.window_ms[0] < cfg.data.bin_ms:
+            problems.append(f"data.window_ms {cfg.data.window_ms} must span at least one bin of data.bin_ms")
         if cfg.model.mean_norm != "none" and cfg.data.batch_size < 2:
             problems.append('model.mean_norm "batch" normalises over the batch: data.batch_size must be >= 2')
     if problems:

@@ -47,14 +47,18 @@ __all__ = ["TRUTH_DIR", "DataError", "open_hdf5", "pairs", "repeats", "stimulus_
            "REPS_DATA_ARRAYS", "TrialRep", "read_representations", "write_representations", "TEST_TIERS",
            "Mouse", "find_mice", "open_mice", "response_precision", "SYNTH_PRESETS", "read_synthetic_truth",
            "write_synthetic", "check_run_data", "eval_windows", "make_train_loader",
-           "train_batches_per_epoch", "mice_from_config", "main"]
+           "train_batches_per_epoch", "mice_from_config", "write_synthetic_dataset", "main"]
 
 
-def mice_from_config(data_cfg, paths=None) -> list[Mouse]:
-    """The mice of `paths` (default: data_cfg.paths) opened as a run's config.DataConfig says: response
-    floor and video size. Every script opens its data here, so that what the model was trained on and
-    what it is evaluated on cannot drift apart."""
-    return open_mice(list(paths or data_cfg.paths), data_cfg.std_floor, data_cfg.height, data_cfg.width)
+def mice_from_config(data_cfg, paths=None) -> list:
+    """The animals of `paths` (default: data_cfg.paths) opened as a run's config.DataConfig says: Sensorium
+    mice (response floor, video size), or, when the paths name .nwb files or folders holding them, one
+    nwb.Monkey per session (bin width, trial window, area). Every script opens its data here, so that what
+    the model was trained on and what it is evaluated on cannot drift apart."""
+    paths = list(paths or data_cfg.paths)
+    if nwb.is_nwb_input(paths):
+        return nwb.open_monkeys(paths, data_cfg.bin_ms, data_cfg.window_ms, data_cfg.area or None)
+    return open_mice(paths, data_cfg.std_floor, data_cfg.height, data_cfg.width)
 
 
 
@@ -104,6 +108,14 @@ def _print_report(mice: list[Mouse], report: dict) -> None:
         print("no video is shared between these mice")
 
 
+def write_synthetic_dataset(root: str, preset: str, seed: int = 0) -> list[str]:
+    """A synthetic dataset of any preset: Sensorium mouse folders (SYNTH_PRESETS) or NWB monkeys
+    (synthetic_nwb.NWB_SYNTH_PRESETS). Returns what was written (ground truth in root/TRUTH_DIR)."""
+    if preset in synthetic_nwb.NWB_SYNTH_PRESETS:
+        return synthetic_nwb.write_synthetic_nwb(root, preset, seed)
+    return write_synthetic(root, preset, seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="data.py", description="Sensorium 2023 and NWB monkey data: synthetic "
                                 "writer, checker.")
@@ -118,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "synth":
-            writer = (synthetic_nwb.write_synthetic_nwb if args.preset in synthetic_nwb.NWB_SYNTH_PRESETS
-                      else write_synthetic)
-            for path in writer(args.out, args.preset, args.seed):
+            for path in write_synthetic_dataset(args.out, args.preset, args.seed):
                 print(path)
             print(os.path.join(args.out, TRUTH_DIR))
         elif nwb.is_nwb_input(args.dirs):

@@ -4,6 +4,7 @@
     python extract.py --ckpt runs/RUN/last.pt --data /data/new_mice --out new.h5   # zero-shot, new animals
     python extract.py --ckpt runs/RUN/last.pt --tiers train,oracle --device cuda
     python extract.py --ckpt runs/RUN/last.pt --data.height 16     # config keys: how the data are read
+    python extract.py --ckpt runs/monkey/last.pt --data /data/000688/sub-M   # NWB: monkeys never trained on
 
 The config is the checkpoint's; the keys that say how data are read and where the model runs can be
 overridden (EXTRACT_KEYS); the others are fixed by the weights. The output folder is checked writable
@@ -11,9 +12,12 @@ before the work starts.
 
 Every trial that has responses (train, oracle and test tiers whose responses are real; hidden test
 tiers are skipped) is encoded with means, no sampling, in consecutive windows of the training length.
-Output: HDF5 /<mouse>/<tier>/<trial>/{mu_x, logvar_x, mu_y, logvar_y, mu_p} (float32,
-(frames, latent)) with attributes stimulus (pixel-pairing group id), valid_frames, and per mouse
-heldout (True for every animal the model did not train on). Written to a temp file, then renamed.
+Output: HDF5 /<animal>/<tier>/<trial>/{mu_x, logvar_x, mu_y, logvar_y, mu_p} (float32,
+(frames, latent)) with attributes stimulus (pixel-pairing group id, or the condition id of NWB trials),
+condition, valid_frames, and per animal heldout (True for every animal the model did not train on),
+subject and session; the file attribute modality ("video" | "behaviour"). NWB monkeys (one animal per
+session) also get behaviour (frames, D), the trial's velocity in the file's units. Written to a temp file,
+then renamed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import data
 import pnba
 
 # the keys that apply to extraction: which data, read how, and the device; the weights fix the rest
-EXTRACT_KEYS = ("data.paths", "data.std_floor", "data.height", "data.width", "run.device")
+EXTRACT_KEYS = ("data.paths", "data.std_floor", "data.height", "data.width", "data.area", "run.device")
 
 
 def file_digest(path: str) -> str:
@@ -50,8 +54,7 @@ def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None) ->
     """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32.
     x_stats: the animal's PNBA.neural_statistics."""
     w = data.eval_windows(mouse, trial, frames)
-    video = w["video"].to(device) if w.get("video") is not None else None
-    g = model.encode(w["responses"].to(device), video, coords=mouse.coords_tensor(device),
+    g = model.encode(w["responses"].to(device), w["stimulus"].to(device), coords=mouse.coords_tensor(device),
                      x_stats=x_stats)
     keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
     return {name: pnba.per_frame(getattr(g, name), keep) for name in data.REPS_ARRAYS
@@ -104,14 +107,19 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
         coords=m.coords_tensor(dev)) for m in mice if trials_of[m.name]}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
         arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
+        labels = {}
+        if m.stimulus_kind == "behaviour":
+            arrays["behaviour"] = m.behaviour(i)
+            labels = dict(subject=m.subject, session=m.session, condition=m.condition(i))
         reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1),
-                                  m.valid_frames(i), m.name not in ckpt["neuron_counts"], arrays))
+                                  m.valid_frames(i), m.name not in ckpt["neuron_counts"], arrays, **labels))
     rate = len(jobs) / (time.time() - t0)
     data.write_representations(out_path, reps, {
         "checkpoint": str(Path(ckpt_path).resolve()),
         "checkpoint_sha256": file_digest(ckpt_path),
         "step": int(ckpt.get("step", 0)),
         "config": json.dumps(config.to_dict(cfg)),        # the checkpoint's, with the overrides applied
+        "modality": mice[0].stimulus_kind,                # the stimulus: "video" or "behaviour"
     })
     print(f"wrote {out_path}: {len(reps)} trials of {len(mice)} animals ({rate:.1f} trials/s)")
     return out_path

@@ -2,13 +2,14 @@
 
     model = PNBA(config.preset("demo").model, {"mouseA": 7440, "mouseB": 7928})
     out = model(responses, video, "mouseA")    # responses (B, T, N), video (B, 1, T, 32, 64)
+    # config stimulus "behaviour" (NWB monkeys): model(spikes, velocity, "C-session1"), velocity (B, T, D)
     out.losses.total.backward()
     g = model.encode(responses=r)              # any N, e.g. an animal never trained on: g.mu_x (B, C, n, T)
 
-Notation: x is the neural modality, y the stimulus (video), p their fusion (product of the two Gaussian
-experts). Every latent is in the published layout (B, C, n, T): C latent channels, n latent "neuron"
-positions, T frames. The Gaussian maths (fusion, KL, matching) lives in `kernels` (torch reference on
-CPU, fused Triton kernels on CUDA); the Poisson likelihood lives here.
+Notation: x is the neural modality, y the stimulus (video, or behaviour such as hand velocity), p their
+fusion (product of the two Gaussian experts). Every latent is in the published layout (B, C, n, T): C latent
+channels, n latent "neuron" positions, T frames. The Gaussian maths (fusion, KL, matching) lives in
+`kernels` (torch reference on CPU, fused Triton kernels on CUDA); the Poisson likelihood lives here.
 
 Choices where the paper leaves room (config.ModelConfig):
 
@@ -73,10 +74,14 @@ PER_ANIMAL_PARAMETERS = ("neural_readout.spatial.", "neural_readout.weight.", "n
 # ----------------------------------------------------------------------------------------------- losses
 
 
-def poisson_nll(rate, target):
+def poisson_nll(rate, target, observed=None):
     """Poisson negative log-likelihood sum(rate - target * log(rate + 1e-8)) / B, dropping the
-    log(target!) term, which does not depend on the model. rate, target (B, T, N) -> scalar."""
-    return (rate - target * torch.log(rate + POISSON_EPS)).sum() / target.shape[0]
+    log(target!) term, which does not depend on the model. rate, target (B, T, N) -> scalar. observed
+    (B, T, N) bool, optional: only those elements count (a unit not recorded over a bin has no target)."""
+    nll = rate - target * torch.log(rate + POISSON_EPS)
+    if observed is not None:
+        nll = torch.where(observed, nll, torch.zeros_like(nll))
+    return nll.sum() / target.shape[0]
 
 
 def poisson_floor(target):
@@ -572,12 +577,61 @@ class VideoDecoder(nn.Module):
         return maybe_checkpoint(self.checkpointing, self._full_resolution, x)
 
 
+# -------------------------------------------------------------------------------------- behaviour side
+
+
+class BehaviourEncoder(nn.Module):
+    """Behaviour (B, T, D), e.g. hand velocity -> (B, z_channels, n, T): a temporal ResNet over the frames
+    (kernel temporal_kernel, no downsampling: the latent keeps every frame), self-attention over the
+    frames, then GN, SiLU and a 1x1 conv to z_channels * n channels, unfolded into the latent's n
+    positions."""
+
+    def __init__(self, cfg: ModelConfig, latent_neurons: int):
+        super().__init__()
+        ch, kernel = cfg.behaviour_channels, (1, cfg.temporal_kernel)
+        self.conv_in = nn.Conv2d(cfg.behaviour_dim, ch, kernel, padding=(0, kernel[1] // 2))
+        self.blocks = nn.ModuleList(ResBlock(ch, ch, cfg.dropout, kernel)
+                                    for _ in range(cfg.behaviour_blocks))
+        self.atten = SelfAttention(ch)
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.z_channels * latent_neurons, 1)
+        self.latent_shape = (cfg.z_channels, latent_neurons)
+
+    def forward(self, behaviour):
+        h = self.conv_in(behaviour.transpose(1, 2).unsqueeze(2))            # (B, ch, 1, T)
+        for block in self.blocks:
+            h = block(h)
+        h = self.conv_out(F.silu(self.norm_out(self.atten(h))))              # (B, C * n, 1, T)
+        return h.view(len(h), *self.latent_shape, h.shape[-1])
+
+
+class BehaviourDecoder(nn.Module):
+    """Latent (B, z_channels, n, T) -> behaviour (B, T, D): the mirror of BehaviourEncoder (the n positions
+    folded into channels, a 1x1 conv, attention over the frames, a temporal ResNet, GN, SiLU, conv to D)."""
+
+    def __init__(self, cfg: ModelConfig, latent_neurons: int):
+        super().__init__()
+        ch, kernel = cfg.behaviour_channels, (1, cfg.temporal_kernel)
+        self.conv_in = nn.Conv2d(cfg.z_channels * latent_neurons, ch, 1)
+        self.atten = SelfAttention(ch)
+        self.blocks = nn.ModuleList(ResBlock(ch, ch, cfg.dropout, kernel)
+                                    for _ in range(cfg.behaviour_blocks))
+        self.norm_out = group_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.behaviour_dim, kernel, padding=(0, kernel[1] // 2))
+
+    def forward(self, z):
+        h = self.atten(self.conv_in(z.flatten(1, 2).unsqueeze(2)))          # (B, ch, 1, T)
+        for block in self.blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h))).squeeze(2).transpose(1, 2)
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
 class Gaussians(NamedTuple):
-    """Means and log-variances, each (B, C, n, T): x neural, y stimulus, p fused (the single modality's
-    when the other is absent); None for an absent modality."""
+    """Means and log-variances, each (B, C, n, T): x neural, y stimulus (video or behaviour), p fused (the
+    single modality's when the other is absent); None for an absent modality."""
     mu_x: torch.Tensor | None
     logvar_x: torch.Tensor | None
     mu_y: torch.Tensor | None
@@ -590,8 +644,8 @@ class Losses(NamedTuple):
     """Each term summed over its elements and divided by the batch size; total = weighted sum."""
     poisson: torch.Tensor        # responses from the fused sample
     poisson_cross: torch.Tensor  # responses from the stimulus sample (cross-modal encoding)
-    video: torch.Tensor          # video from the fused sample
-    video_cross: torch.Tensor    # video from the neural sample (cross-modal decoding)
+    stimulus: torch.Tensor       # squared error of the stimulus (video or behaviour) from the fused sample
+    stimulus_cross: torch.Tensor # ... from the neural sample (cross-modal decoding)
     kl_fusion: torch.Tensor      # KL(p||x) + KL(p||y)
     kl_cross: torch.Tensor       # KL(x||y) + KL(y||x)
     kl_prior: torch.Tensor       # KL(x||N(0, I)) + KL(y||N(0, I)) (not published; weight 0 in "paper")
@@ -603,8 +657,8 @@ class Output(NamedTuple):
     losses: Losses
     rate: torch.Tensor           # (B, T, N) Poisson rate from the fused sample
     rate_cross: torch.Tensor     # (B, T, N) from the stimulus sample
-    video_rec: torch.Tensor      # (B, 1, T, H, W) from the fused sample
-    video_cross: torch.Tensor    # (B, 1, T, H, W) from the neural sample
+    stimulus_rec: torch.Tensor   # (B, 1, T, H, W) video or (B, T, D) behaviour from the fused sample
+    stimulus_cross: torch.Tensor # ... from the neural sample
     gaussians: Gaussians
 
 
@@ -638,7 +692,10 @@ class PNBA(nn.Module):
         z, dropout = cfg.z_channels, cfg.dropout
         self.neural_projector = NeuralProjector(cfg)
         self.neural_encoder = NeuralEncoder(cfg)
-        self.video_encoder = VideoEncoder(cfg)
+        if cfg.stimulus == "video":
+            self.video_encoder = VideoEncoder(cfg)
+        else:
+            self.behaviour_encoder = BehaviourEncoder(cfg, self.latent_neurons)
         self.mu_x_head, self.logvar_x_head = ResBlock(z, z, dropout), ResBlock(z, z, dropout)
         self.mu_y_head, self.logvar_y_head = ResBlock(z, z, dropout), ResBlock(z, z, dropout)
         if cfg.mean_norm == "batch":
@@ -651,7 +708,10 @@ class PNBA(nn.Module):
         self.neural_decoder = NeuralDecoder(cfg)
         self.neural_readout = (ResizeReadout(cfg) if cfg.neural_readout == "resize"
                                else NeuronReadout(cfg, self.neuron_counts))
-        self.video_decoder = VideoDecoder(cfg)
+        if cfg.stimulus == "video":
+            self.video_decoder = VideoDecoder(cfg)
+        else:
+            self.behaviour_decoder = BehaviourDecoder(cfg, self.latent_neurons)
         # a of the matching logits -a d + b. d sums over all C*n*T latent dimensions, so a = 1 (published)
         # starts every logit near -D and only the pull-together term acts; see config match_scale_init
         self.match_scale = nn.Parameter(torch.tensor(float(cfg.match_scale_init)))
@@ -732,30 +792,37 @@ class PNBA(nn.Module):
         mean = total / count
         return mean.float(), (total_sq / count - mean.pow(2)).clamp_min(0).float()
 
-    def _encode_modalities(self, responses, video, coords, x_stats=None):
+    def _stimulus_features(self, stimulus):
+        """Video (B, 1, T, H, W) or behaviour (B, T, D) -> (B, C, n, T), the input of the y heads."""
+        if self.cfg.stimulus == "video":
+            return self._video_to_neural(self.video_encoder(stimulus))
+        return self.behaviour_encoder(stimulus)
+
+    def _encode_modalities(self, responses, stimulus, coords, x_stats=None):
         mu_x = logvar_x = mu_y = logvar_y = None
         if responses is not None:
             mu_x, logvar_x = self._neural_head(responses, coords)
             mu_x = self._normalised_mean(mu_x, "mu_x_norm", x_stats)
-        if video is not None:
-            v = self._video_to_neural(self.video_encoder(video))
+        if stimulus is not None:
+            v = self._stimulus_features(stimulus)
             mu_y, logvar_y = self._normalised_mean(self.mu_y_head(v), "mu_y_norm"), self.logvar_y_head(v)
         return mu_x, logvar_x, mu_y, logvar_y
 
-    def encode(self, responses=None, video=None, coords=None, x_stats=None) -> Gaussians:
+    def encode(self, responses=None, stimulus=None, coords=None, x_stats=None) -> Gaussians:
         """Distribution parameters, no sampling and no dropout (deterministic in train and eval mode).
 
-        responses (B, T, N) with any N (a new animal needs no retraining), video (B, 1, T, H, W), coords
-        (N, 3) or (B, N, 3) cortical positions (used by the "set" projector with use_coords). Either
-        modality may be None. x_stats: the animal's neural_statistics, for mean_norm "batch" (without
-        them the running statistics are used, which do not fit any one animal exactly).
+        responses (B, T, N) with any N (a new animal needs no retraining), stimulus: video (B, 1, T, H, W)
+        or behaviour (B, T, D) as the config's `stimulus` says, coords (N, 3) or (B, N, 3) cortical
+        positions (used by the "set" projector with use_coords). Either modality may be None. x_stats: the
+        animal's neural_statistics, for mean_norm "batch" (without them the running statistics are used,
+        which do not fit any one animal exactly).
         """
-        if responses is None and video is None:
-            raise ValueError("encode needs responses, video or both")
+        if responses is None and stimulus is None:
+            raise ValueError("encode needs responses, a stimulus or both")
         was_training = self.training
         self.train(False)
         try:
-            mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(responses, video, coords, x_stats)
+            mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(responses, stimulus, coords, x_stats)
         finally:
             self.train(was_training)
         if mu_x is None:
@@ -780,20 +847,40 @@ class PNBA(nn.Module):
             return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse))
         return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse), z)
 
-    def decode_video(self, z, size):
-        """Latent (B, C, n, T) -> video (B, 1, T, H, W) with (H, W) = size."""
+    def decode_stimulus(self, z, shape):
+        """Latent (B, C, n, T) -> video (B, 1, T, H, W) with (H, W) = shape[-2:], or behaviour (B, T, D)."""
+        if self.cfg.stimulus == "behaviour":
+            return self.behaviour_decoder(z)
         shrink = 2 ** (len(self.cfg.video_features) - 1)
-        return self.video_decoder(self._neural_to_video(z, (size[0] // shrink, size[1] // shrink)))
+        return self.video_decoder(self._neural_to_video(z, (shape[-2] // shrink, shape[-1] // shrink)))
 
     # -- training --------------------------------------------------------------------------------------
 
-    def forward(self, responses, video, mouse, coords=None, align_scale: float = 1.0) -> Output:
-        """responses (B, T, N) of animal `mouse`, video (B, 1, T, H, W) -> Output (losses, reconstructions,
-        Gaussians). Training mode draws reparameterised samples; eval mode uses the means (deterministic)."""
+    def _unit_dropout(self, responses, coords):
+        """In training with unit_dropout p: the neural encoder sees a random subset of the animal's neurons
+        (each left out with probability p, the same for the whole batch, at least 3 kept); the decoders and
+        losses still see them all. An encoder that cannot count on any one neuron has to read population
+        statistics, which is all it has for an animal it never saw (README, Monkeys)."""
+        p = self.cfg.unit_dropout
+        if not self.training or p == 0:
+            return responses, coords
+        N = responses.shape[-1]
+        keep = torch.rand(N, device=responses.device) >= p
+        if keep.sum() < 3:
+            keep[torch.randperm(N, device=responses.device)[:3]] = True
+        return responses[..., keep], (None if coords is None else coords[..., keep, :])
+
+    def forward(self, responses, stimulus, mouse, coords=None, align_scale: float = 1.0,
+                observed=None) -> Output:
+        """responses (B, T, N) of animal `mouse`, stimulus: video (B, 1, T, H, W) or behaviour (B, T, D) ->
+        Output (losses, reconstructions, Gaussians). observed (B, T, N) bool, optional: the Poisson terms
+        count only those elements (NWB units not recorded over a bin). Training mode draws reparameterised
+        samples; eval mode uses the means (deterministic)."""
         neurons = self.neurons_of(mouse)
         if responses.shape[-1] != neurons:
             raise ValueError(f"responses have {responses.shape[-1]} neurons; mouse {mouse!r} has {neurons}")
-        mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(responses, video, coords)
+        seen, seen_coords = self._unit_dropout(responses, coords)
+        mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(seen, stimulus, seen_coords)
         B, latent_shape = mu_x.shape[0], mu_x.shape
         flat = [t.reshape(B, -1) for t in (mu_x, logvar_x, mu_y, logvar_y)]
         backend = self.cfg.kernels
@@ -804,15 +891,15 @@ class PNBA(nn.Module):
         # fused and cross-modal decodes as one batch of 2B each
         rate, rate_cross = self.decode_responses(torch.cat([z_p, z_y]).view(2 * B, *latent_shape[1:]),
                                                  mouse).chunk(2)
-        video_rec, video_cross = self.decode_video(torch.cat([z_p, z_x]).view(2 * B, *latent_shape[1:]),
-                                                   video.shape[-2:]).chunk(2)
+        stimulus_rec, stimulus_cross = self.decode_stimulus(
+            torch.cat([z_p, z_x]).view(2 * B, *latent_shape[1:]), stimulus.shape).chunk(2)
 
         c = self.cfg
         terms = dict(
-            poisson=poisson_nll(rate, responses),
-            poisson_cross=poisson_nll(rate_cross, responses),
-            video=squared_error(video_rec, video),
-            video_cross=squared_error(video_cross, video),
+            poisson=poisson_nll(rate, responses, observed),
+            poisson_cross=poisson_nll(rate_cross, responses, observed),
+            stimulus=squared_error(stimulus_rec, stimulus),
+            stimulus_cross=squared_error(stimulus_cross, stimulus),
             kl_fusion=(kl_px + kl_py).sum() / B,
             kl_cross=kl_sym.sum() / B,
             kl_prior=(standard_normal_kl(flat[0], flat[1]) + standard_normal_kl(flat[2], flat[3])).sum() / B,
@@ -824,7 +911,7 @@ class PNBA(nn.Module):
         total = sum(getattr(c, f"w_{name}") * scale.get(name, 1.0) * value for name, value in terms.items())
         gaussians = Gaussians(mu_x, logvar_x, mu_y, logvar_y, mu_p.view(latent_shape),
                               logvar_p.view(latent_shape))
-        return Output(Losses(**terms, total=total), rate, rate_cross, video_rec, video_cross, gaussians)
+        return Output(Losses(**terms, total=total), rate, rate_cross, stimulus_rec, stimulus_cross, gaussians)
 
 
 # ------------------------------------------------------------------------------ published weights

@@ -6,6 +6,7 @@ imports triton. Everything runs on CPU; nothing needs a GPU.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import math
@@ -28,6 +29,7 @@ import baselines
 import bench
 import config
 import data
+import decoding
 import extract
 import kernels
 import pnba
@@ -376,7 +378,7 @@ def test_train_loader_batches(tiny):
     assert [b["mouse"] for b in batches] == [m.name for m in train] * 2     # one mouse per batch, cycling
     for b in batches:
         m = mice[b["mouse"]]
-        assert b["video"].shape == (4, 1, 8, 32, 64) and b["video"].dtype == torch.float32
+        assert b["stimulus"].shape == (4, 1, 8, 32, 64) and b["stimulus"].dtype == torch.float32
         assert b["responses"].shape == (4, 8, m.n_neurons) and b["responses"].dtype == torch.float32
         assert b["index"].dtype == b["trial"].dtype == torch.int64 and b["trial"].shape == (4,)
         assert len(set(b["trial"].tolist())) == 4
@@ -384,7 +386,7 @@ def test_train_loader_batches(tiny):
             start = int(index[0])
             assert torch.equal(index, torch.arange(start, start + 8)) and start + 8 <= m.valid_frames(i)
             video, responses = m.normalised(i)
-            torch.testing.assert_close(b["video"][k, 0], video[start:start + 8])
+            torch.testing.assert_close(b["stimulus"][k, 0], video[start:start + 8])
             torch.testing.assert_close(b["responses"][k], responses[start:start + 8])
 
 
@@ -398,7 +400,7 @@ def test_train_loader_ddp_shards_and_determinism(tiny):
     assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) <= whole
     a = list(data.make_train_loader(train, 8, 2, 0, seed=5, epoch=3))
     b = list(data.make_train_loader(train, 8, 2, 2, seed=5, epoch=3))               # 2 worker processes
-    assert all(torch.equal(x["video"], y["video"]) and torch.equal(x["responses"], y["responses"])
+    assert all(torch.equal(x["stimulus"], y["stimulus"]) and torch.equal(x["responses"], y["responses"])
                and torch.equal(x["index"], y["index"]) for x, y in zip(a, b, strict=True))
     resumed = data.make_train_loader(train, 8, 2, 0, seed=5, epoch=3, start_batch=3)
     assert len(resumed) == len(a) - 3 and windows(resumed) == windows(a[3:])
@@ -411,15 +413,15 @@ def test_eval_windows_cover_every_frame_once(tiny):
     m = mice[truth["train"][0]]
     video, responses = m.normalised(int(m.trials(["train"])[0]))
     w = data.eval_windows(m, int(m.trials(["train"])[0]), 16)
-    assert w["video"].shape == (3, 1, 16, 32, 64) and w["responses"].shape == (3, 16, m.n_neurons)
+    assert w["stimulus"].shape == (3, 1, 16, 32, 64) and w["responses"].shape == (3, 16, m.n_neurons)
     assert w["keep"].all() and w["covered"] == w["valid_frames"] == 48
-    torch.testing.assert_close(w["video"][:, 0].reshape(48, 32, 64), video)
+    torch.testing.assert_close(w["stimulus"][:, 0].reshape(48, 32, 64), video)
     bonus = int(m.trials(["live_test_bonus"])[0])                         # 38 frames: windows 0, 16, then 22
     w = data.eval_windows(m, bonus, 16)
     assert w["index"][:, 0].tolist() == [0, 16, 22] and w["covered"] == 38
     assert sorted(w["index"][w["keep"]].tolist()) == list(range(38))
     torch.testing.assert_close(w["responses"][w["keep"]], m.normalised(bonus)[1])
-    assert data.eval_windows(m, bonus, 40)["video"].shape[0] == 0
+    assert data.eval_windows(m, bonus, 40)["stimulus"].shape[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +485,7 @@ def batch(B=3, T=8, N=40, seed=1, dtype=torch.float32):
 
 
 def test_every_loss_term_equals_its_closed_form():
-    weights = dict(w_poisson=0.7, w_poisson_cross=1.3, w_video=0.4, w_video_cross=2.0, w_kl_fusion=0.9,
+    weights = dict(w_poisson=0.7, w_poisson_cross=1.3, w_stimulus=0.4, w_stimulus_cross=2.0, w_kl_fusion=0.9,
                    w_kl_cross=1.1, w_match=0.6, w_kl_prior=0.8)
     model = build(**weights).double().eval()
     with torch.no_grad():
@@ -513,8 +515,8 @@ def test_every_loss_term_equals_its_closed_form():
     expected = dict(
         poisson=(out.rate - r * torch.log(out.rate + 1e-8)).sum() / B,
         poisson_cross=(out.rate_cross - r * torch.log(out.rate_cross + 1e-8)).sum() / B,
-        video=((out.video_rec - v) ** 2).sum() / B,
-        video_cross=((out.video_cross - v) ** 2).sum() / B,
+        stimulus=((out.stimulus_rec - v) ** 2).sum() / B,
+        stimulus_cross=((out.stimulus_cross - v) ** 2).sum() / B,
         kl_fusion=(kl(mu_p, var_p, mu_x, var_x) + kl(mu_p, var_p, mu_y, var_y)).sum() / B,
         kl_cross=(kl(mu_x, var_x, mu_y, var_y) + kl(mu_y, var_y, mu_x, var_x)).sum() / B,
         match=torch.tensor(match / B, dtype=torch.float64),
@@ -525,12 +527,13 @@ def test_every_loss_term_equals_its_closed_form():
         torch.testing.assert_close(losses[name], value, msg=name)
     torch.testing.assert_close(out.losses.total, sum(weights[f"w_{k}"] * v for k, v in expected.items()))
 
-    # eval mode decodes the means: fused -> rate, video_rec; stimulus -> rate_cross; neural -> video_cross
+    # eval mode decodes the means: fused -> rate, stimulus_rec; stimulus -> rate_cross;
+    # neural -> stimulus_cross
     g = out.gaussians
     torch.testing.assert_close(out.rate, model.decode_responses(g.mu_p, "m1"))
     torch.testing.assert_close(out.rate_cross, model.decode_responses(g.mu_y, "m1"))
-    torch.testing.assert_close(out.video_rec, model.decode_video(g.mu_p, (32, 64)))
-    torch.testing.assert_close(out.video_cross, model.decode_video(g.mu_x, (32, 64)))
+    torch.testing.assert_close(out.stimulus_rec, model.decode_stimulus(g.mu_p, (32, 64)))
+    torch.testing.assert_close(out.stimulus_cross, model.decode_stimulus(g.mu_x, (32, 64)))
 
 
 def test_poisson_floor_is_the_constant_rate_nll():
@@ -629,11 +632,11 @@ def test_output_shapes(preset, N, T):
     with torch.set_grad_enabled(train):
         out = model(r, v, "m")
     assert out.rate.shape == out.rate_cross.shape == (B, T, N)
-    assert out.video_rec.shape == out.video_cross.shape == (B, 1, T, 32, 64)
+    assert out.stimulus_rec.shape == out.stimulus_cross.shape == (B, 1, T, 32, 64)
     for name in pnba.Gaussians._fields:
         assert getattr(out.gaussians, name).shape == (B, 8, 4, T), name
     assert all(torch.isfinite(t) for t in out.losses)
-    assert (out.rate > 0).all() and (out.video_rec >= 0).all() and (out.video_rec <= 1).all()
+    assert (out.rate > 0).all() and (out.stimulus_rec >= 0).all() and (out.stimulus_rec <= 1).all()
     if train:
         out.losses.total.backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -653,13 +656,13 @@ def test_paper_size_training_step():
 def test_single_modality_encode_equals_its_part_of_the_joint_encode():
     model = build()
     r, v = batch()
-    joint, neural, stimulus = model.encode(r, v), model.encode(responses=r), model.encode(video=v)
+    joint, neural, stimulus = model.encode(r, v), model.encode(responses=r), model.encode(stimulus=v)
     torch.testing.assert_close(neural.mu_x, joint.mu_x)
     torch.testing.assert_close(neural.logvar_x, joint.logvar_x)
     torch.testing.assert_close(stimulus.mu_y, joint.mu_y)
     assert neural.mu_y is None and stimulus.mu_x is None
     assert neural.mu_p is neural.mu_x and stimulus.logvar_p is stimulus.logvar_y
-    with pytest.raises(ValueError, match="needs responses, video or both"):
+    with pytest.raises(ValueError, match="needs responses, a stimulus or both"):
         model.encode()
 
 
@@ -673,7 +676,7 @@ def test_eval_is_deterministic_and_training_samples():
     means = model.encode(r, v)
     model.train()
     a, b = model(r, v, "m1"), model(r, v, "m1")
-    assert not torch.allclose(a.rate, b.rate) and not torch.allclose(a.video_cross, b.video_cross)
+    assert not torch.allclose(a.rate, b.rate) and not torch.allclose(a.stimulus_cross, b.stimulus_cross)
     assert not torch.allclose(a.rate, first.rate)
     again = model.encode(r, v)                            # encode: no sampling, no dropout, in any mode
     assert model.training
@@ -1728,8 +1731,8 @@ def test_run_directory_and_metrics(tiny_run):
     steps = [r for r in lines if "val" not in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for r in steps:
-        for key in ("total", "poisson", "poisson_cross", "video", "video_cross", "kl_fusion", "kl_cross",
-                    "match", "poisson_floor", "latent_corr", "windows_per_s", "lr"):
+        for key in ("total", "poisson", "poisson_cross", "stimulus", "stimulus_cross", "kl_fusion",
+                    "kl_cross", "match", "poisson_floor", "latent_corr", "windows_per_s", "lr"):
             assert key in r and r[key] is not None and np.isfinite(r[key]), key
     val = [r["val"] for r in lines if "val" in r][-1]
     assert -1 <= val["corr_train_animals"] <= 1 and -1 <= val["ceiling"] <= 1 and -1 <= val["ridge_corr"] <= 1
@@ -1750,10 +1753,10 @@ def test_model_receives_the_configured_video_size(tiny_data, tmp_path, monkeypat
         seen.add(tuple(video.shape[-2:]))
         return forward(self, responses, video, *args, **kwargs)
 
-    def record_encode(self, responses=None, video=None, **kwargs):
-        if video is not None:
-            seen.add(tuple(video.shape[-2:]))
-        return encode(self, responses, video, **kwargs)
+    def record_encode(self, responses=None, stimulus=None, **kwargs):
+        if stimulus is not None:
+            seen.add(tuple(stimulus.shape[-2:]))
+        return encode(self, responses, stimulus, **kwargs)
 
     monkeypatch.setattr(pnba.PNBA, "forward", record_forward)
     monkeypatch.setattr(pnba.PNBA, "encode", record_encode)
@@ -2185,7 +2188,8 @@ def test_config_is_validated_before_anything_is_written(override, needle, tmp_pa
 def test_every_preset_validates_and_the_choices_are_the_code_s():
     for name in config.PRESETS:
         config.validate(config.preset(name))
-    assert set(config.CHOICES["data.synth_preset"]) == set(data.SYNTH_PRESETS)
+    presets = set(data.SYNTH_PRESETS) | set(synthetic_nwb.NWB_SYNTH_PRESETS)
+    assert set(config.CHOICES["data.synth_preset"]) == presets
     assert set(config.CHOICES["model.kernels"]) == set(kernels.BACKENDS)
     cfg = config.preset("tiny")
     cfg.data.frames = "8"                      # a config built in code is type-checked too
@@ -2743,3 +2747,397 @@ def test_nwb_bin_average_skips_nan_and_interpolates_empty_bins():
     out = nwb._bin_average(t, d, edges)
     np.testing.assert_allclose(out[0, :, 0], [0, 0.75, 1, 1.75, 2])
     np.testing.assert_allclose(out[0, :, 1], [0, 0.75, 1, 1.75, 2.25])   # the NaN at 0.2 s is skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: monkey evaluation -- condition ceiling, consistency hierarchy and behaviour decoding (stats.py,
+# decoding.py, stats_zeroshot.py) on constructed representations whose truth is known
+# ---------------------------------------------------------------------------------------------
+
+FAST = decoding.Training(steps=300, eval_every=10, patience=5)
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Figures drawn as a stub: drawing is most of an analysis' time and these tests check numbers."""
+    monkeypatch.setattr(stats, "histogram_figure", lambda *args: b"\x89PNG stub")
+    monkeypatch.setattr(stats_zeroshot, "matrix_figure", lambda *args: b"\x89PNG stub")
+
+
+@pytest.fixture
+def fast_training(monkeypatch):
+    """The analysis' networks trained briefly: these tests check the wiring, not the optimum."""
+    monkeypatch.setattr(decoding, "TRAINING", decoding.Training(steps=40))
+
+
+# ---------------------------------------------------------------------------------------------
+# Constructed data
+# ---------------------------------------------------------------------------------------------
+
+def latent_maps(n_trials: int, frames: int, latent: int, rng: np.random.Generator, nonlinear: bool,
+                memory: bool = False) -> tuple[list, list]:
+    """Latents (T, L) per trial and targets (T, 2) from a fixed map: linear, tanh, or tanh with the previous
+    frame's contribution (needs memory: only a recurrent decoder can use it)."""
+    weights = rng.normal(size=(latent, 2)) / np.sqrt(latent)
+    x = [rng.normal(size=(frames, latent)) for _ in range(n_trials)]
+    y = []
+    for a in x:
+        drive = a @ weights
+        target = np.tanh(2 * drive) if nonlinear else drive
+        if memory:
+            target = target + 0.7 * np.vstack([np.zeros((1, 2)), np.tanh(2 * drive[:-1])])
+        y.append(target + 0.03 * rng.normal(size=target.shape))
+    return x, y
+
+
+def reach_trials(subjects: dict[str, str], seed: int = 0, sessions: int = 2, conditions: int = 6,
+                 per_condition: int = 4, frames: int = 12, latent: int = 6, rotation: float = 0.0,
+                 session_change: float = 0.0, shuffle_labels: bool = False,
+                 behaviour: bool = True) -> list[TrialRep]:
+    """Reach-like TrialReps, one animal key per session.
+
+    subjects: name -> "train", "heldout" or "control" (controls are held out; their latent follows a random
+    reach direction per trial while their behaviour follows the label). Per condition c a latent pattern
+    P_c (T, L) carries the velocity linearly; a subject sees it through I + rotation x (its own random
+    matrix), a session adds session_change x a pattern of its own per condition; noise 0.3. behaviour:
+    velocity (T, 2) in mm/s. shuffle_labels: stimulus labels permuted across a session's trials (no effect).
+    """
+    rng = np.random.default_rng(seed)
+    theta = 2 * np.pi * np.arange(conditions) / conditions
+    profile = np.sin(np.pi * (np.arange(frames) + 0.5) / frames) ** 2
+    velocity = 300 * profile[None, :, None] * np.stack([np.cos(theta), np.sin(theta)], 1)[:, None, :]
+    readout = rng.normal(size=(2, latent))
+    patterns = velocity / 300 @ readout + 0.5 * rng.normal(size=(conditions, frames, latent))
+    trials = []
+    for subject, role in subjects.items():
+        mix = np.eye(latent) + rotation * rng.normal(size=(latent, latent))
+        for session in range(sessions):
+            key = f"{subject}-s{session}"
+            own = session_change * rng.normal(size=(conditions, frames, latent))
+            labels = np.repeat(np.arange(conditions), per_condition)
+            shown = rng.permutation(labels) if shuffle_labels else labels
+            for trial, (label, seen) in enumerate(zip(labels, shown, strict=True)):
+                drive = rng.integers(conditions) if role == "control" else seen
+                mu_x = (patterns[drive] + own[drive]) @ mix + 0.3 * rng.normal(size=(frames, latent))
+                arrays = {"mu_x": mu_x.astype(np.float32), "logvar_x": np.zeros((frames, latent), np.float32),
+                          "mu_y": (velocity[label] / 300 @ readout).astype(np.float32)}
+                if behaviour:
+                    noise = 5 * rng.normal(size=(frames, 2))
+                    arrays["behaviour"] = (velocity[label] + noise).astype(np.float32)
+                trials.append(TrialRep(key, "train", trial, int(label), frames, role != "train", arrays,
+                                       subject, f"s{session}", f"target{label}"))
+    return trials
+
+
+def run_zeroshot(trials: list[TrialRep], n_perm: int = 200, **options) -> tuple[dict, dict[str, bytes]]:
+    files = stats_zeroshot.analyse(trials, "reps.h5", n_perm, 0, {"names": [], **options})
+    return json.loads(files["zeroshot.json"]), files
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, nonlinear, memory", [("linear", False, False), ("mlp", True, False),
+                                                     ("gru", True, True)])
+def test_decoders_recover_a_known_map_and_not_shuffled_targets(name, nonlinear, memory):
+    rng = np.random.default_rng(1)
+    x, y = latent_maps(90, 16, 5, rng, nonlinear, memory)
+    fit = decoding.DECODERS[name]
+    kwargs = {} if name == "linear" else {"training": FAST}
+    model = fit(x[:60], y[:60], seed=0, **kwargs)
+    assert decoding.r2(model.predict(x[60:]), y[60:])["mean"] > 0.9
+    shuffled = [y[i] for i in rng.permutation(60)]            # targets of other trials: no map to find
+    model = fit(x[:60], shuffled, seed=0, **kwargs)
+    assert decoding.r2(model.predict(x[60:]), y[60:])["mean"] < 0.1
+
+
+def test_networks_are_deterministic_given_the_seed():
+    x, y = latent_maps(20, 8, 3, np.random.default_rng(2), nonlinear=True)
+    short = decoding.Training(steps=20)
+    a, b = (decoding.fit_gru(x, y, seed=3, training=short).predict(x[:2]) for _ in range(2))
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_r2_by_hand():
+    predicted = [np.array([[1.0, 0.0], [2.0, 1.0]]), np.array([[3.0, 1.0]])]
+    target = [np.array([[1.0, 1.0], [3.0, 1.0]]), np.array([[2.0, 4.0]])]
+    # component 0: target 1, 3, 2 (mean 2): SST 2, SSE 0 + 1 + 1 = 2 -> 0
+    # component 1: target 1, 1, 4 (mean 2): SST 6, SSE 1 + 0 + 9 = 10 -> 1 - 10/6
+    r = decoding.r2(predicted, target)
+    np.testing.assert_allclose(r["components"], [0.0, 1 - 10 / 6])
+    assert r["mean"] == pytest.approx((1 - 10 / 6) / 2) and r["n_frames"] == 3 and r["n_trials"] == 2
+
+
+def test_folds_are_stratified_by_condition():
+    labels = np.repeat(np.arange(4), 5)
+    folds = decoding.trial_folds(20, 5, labels, seed=0)
+    for label in range(4):
+        assert sorted(folds[labels == label]) == list(range(5))
+
+
+def test_rates_ridge_imputes_unobserved_units():
+    rng = np.random.default_rng(3)
+    frames, units = 20, 30
+    tuning = rng.normal(size=(2, units))
+    spikes, velocity = [], []
+    for trial in range(60):
+        theta = rng.uniform(0, 2 * np.pi)
+        v = np.sin(np.pi * np.arange(frames) / frames)[:, None] * [np.cos(theta), np.sin(theta)]
+        counts = rng.poisson(np.exp(1 + v @ tuning)).astype(np.float32)
+        counts[:, :3] = np.nan if trial < 30 else counts[:, :3]     # three units seen in half the trials
+        counts[:, 3] = np.nan                                        # one unit never seen
+        spikes.append(counts)
+        velocity.append(100 * v)
+    fill = decoding.unit_means(spikes)
+    np.testing.assert_allclose(fill[:3], np.nanmean(np.concatenate(spikes)[:, :3], 0), rtol=1e-6)
+    assert fill[3] == 0
+    result = decoding.rates_ridge_r2(spikes, velocity, history=3, smooth_bins=1)
+    assert result["mean"] > 0.8 and result["units_with_unobserved_bins"] == 4
+    assert result["unobserved_fraction"] == pytest.approx((3 * 30 + 60) / (60 * 30))
+    shuffled = [velocity[i] for i in rng.permutation(60)]
+    assert decoding.rates_ridge_r2(spikes, shuffled)["mean"] < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceiling, hierarchy, sections
+# ---------------------------------------------------------------------------------------------
+
+def test_condition_ceiling_is_the_statistic_on_the_behaviour(no_figures):
+    trials = reach_trials({"A": "train", "B": "train"}, sessions=1)
+    out, _ = run_zeroshot(trials)
+    a, b = ([t for t in trials if t.mouse == m] for m in ("A-s0", "B-s0"))
+    expected = stats.result(stats.between(
+        [t.arrays["behaviour"] for t in a], [t.arrays["behaviour"] for t in b], [t.stimulus for t in a],
+        [t.stimulus for t in b], [t.tier for t in a], [t.tier for t in b], 200, np.random.default_rng(0)))
+    pair = out["pairs"][0]
+    for key in ("paired_mean", "unpaired_mean", "cohens_d", "n_paired", "n_unpaired"):
+        assert pair["ceiling"][key] == pytest.approx(expected[key])
+    assert pair["fraction_of_ceiling"] == pytest.approx(pair["cohens_d"] / expected["cohens_d"])
+    assert set(out["repeats"]["A-s0"]["ceiling"]) >= {"cohens_d", "perm_p"}
+    assert "hierarchy" not in out                    # one session per subject: nothing beyond the pairs
+    assert out["decoding"]["skipped"].startswith("decoding skipped: needs training and held-out animals")
+
+
+def test_hierarchy_levels_follow_the_truth(monkeypatch):
+    subjects = {"A": "train", "B": "train", "C": "heldout", "D": "control"}
+    trials = reach_trials(subjects, seed=4, rotation=0.5, session_change=0.6, behaviour=False)
+    out, files = run_zeroshot(trials, n_perm=100, control=["D"])
+    h = out["hierarchy"]
+    assert h["controls"] == ["D"] and list(h["results"]) == ["heldout", "train", "train x heldout", "control"]
+    train = h["results"]["train"]
+    assert [train[level]["n_animal_pairs"] for level in stats.LEVELS] == [4, 2, 4]
+    d = [train[level]["cohens_d"] for level in stats.LEVELS]
+    r = [train[level]["paired_mean"] for level in stats.LEVELS]
+    assert d[0] > d[1] > d[2] > 0 and r[0] > r[1] > r[2]
+    assert all(train[level]["perm_p"] < 0.05 for level in stats.LEVELS)
+    assert set(h["results"]["heldout"]) == {"trial", "session"}
+    assert set(h["results"]["train x heldout"]) == {"subject"}
+    assert all(abs(e["cohens_d"]) < 0.5 for e in h["results"]["control"].values())   # its latent ignores them
+    assert "ceiling" not in train["trial"] and files["zeroshot_hierarchy.png"][:4] == b"\x89PNG"
+
+    monkeypatch.setattr(stats, "histogram_figure", lambda *args: b"")       # drawn above already
+    monkeypatch.setattr(stats_zeroshot, "matrix_figure", lambda *args: b"")
+
+    shuffled = reach_trials(subjects, seed=4, rotation=0.5, session_change=0.6, behaviour=False,
+                            shuffle_labels=True)
+    out, _ = run_zeroshot(shuffled, n_perm=100, control=["D"])
+    # a fixed seed: under the null 5% of cells give p < 0.05 by design, so the p check is on one group
+    assert all(e["perm_p"] > 0.05 for e in out["hierarchy"]["results"]["train"].values())
+    assert all(abs(e["cohens_d"]) < 0.5 for cells in out["hierarchy"]["results"].values()
+               for e in cells.values())
+
+
+def test_unknown_control_subject_is_one_error(no_figures):
+    with pytest.raises(stats.StatsError, match="--control X: no such subject"):
+        run_zeroshot(reach_trials({"A": "train"}, behaviour=False), control=["X"])
+
+
+def test_decoding_section(fast_training, no_figures):
+    subjects = {"A": "train", "B": "train", "C": "heldout", "D": "control"}
+    trials = reach_trials(subjects, seed=5)
+
+    def spikes(animals, path):
+        """Poisson counts of 8 units tuned to the velocity, as a reader of the raw data would give."""
+        rng = np.random.default_rng(0)
+        out = {}
+        for m, ts in animals.items():
+            tuning = rng.normal(size=(2, 8))
+            velocity = [t.arrays["behaviour"] for t in ts]
+            counts = [rng.poisson(np.exp(1 + v / 300 @ tuning)).astype(np.float32) for v in velocity]
+            out[m] = (counts, velocity, [t.stimulus for t in ts])
+        return out
+
+    out, files = run_zeroshot(trials, n_perm=50, control=["D"], spikes=spikes)
+    dec = out["decoding"]
+    assert dec["fit_on"] == ["A-s0", "A-s1", "B-s0", "B-s1"] and dec["heldout"] == ["C-s0", "C-s1"]
+    zero = dec["zero_shot"]
+    assert set(zero) == set(decoding.DECODERS) == set(dec["within_animal"]) == set(dec["cross_modal"])
+    within = dec["within_animal"]["linear"]["pooled"]["mean"]
+    assert zero["linear"]["groups"]["heldout"]["mean"] > max(0.6, 0.9 * within)     # one shared latent space
+    assert zero["linear"]["groups"]["control"]["mean"] < 0.3          # its latent ignores the reach
+    assert len(zero["linear"]["groups"]["heldout"]["components"]) == 2
+    assert dec["cross_modal"]["linear"]["groups"]["heldout"]["mean"] > 0.95
+    assert set(dec["rates_ridge"]["animals"]) == {"C-s0", "C-s1"}
+    assert dec["rates_ridge"]["pooled"]["mean"] > 0.5 and dec["linear_over_rates"] > 0
+    assert "zero-shot behaviour decoding" in files["zeroshot.txt"].decode()
+
+    small = reach_trials({"A": "train", "C": "heldout"}, sessions=1, per_condition=2)
+    out, files = run_zeroshot(small, n_perm=20)                       # no spike reader and no data folders
+    skipped = out["decoding"]["rates_ridge"]["skipped"]
+    assert skipped.startswith("rates baseline skipped: reps.h5: names no data")
+    assert "rates baseline skipped" in files["zeroshot.txt"].decode()
+
+
+def test_sensorium_reps_get_no_new_sections():
+    trials = reach_trials({"m0": "train", "m1": "heldout", "m2": "heldout"}, sessions=1, behaviour=False)
+    for t in trials:
+        t.subject = t.session = t.mouse             # as read_representations fills Sensorium files
+    out, files = run_zeroshot(trials)
+    assert {"hierarchy", "decoding"}.isdisjoint(out)
+    assert not any("ceiling" in e for e in [*out["pairs"], *out["repeats"].values()])
+    assert set(files) == {"zeroshot.json", "zeroshot.txt", "zeroshot_blocks.png", "zeroshot_matrix.png"}
+    text = files["zeroshot.txt"].decode()
+    assert "hierarchy" not in text and "ceiling" not in text and "decoding" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: NWB sessions as animals, the behaviour branch, the monkey run end to end
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def small_monkeys(tmp_path_factory):
+    """A small synthetic monkey set (40 trials per session): root folder and its ground truth."""
+    root = tmp_path_factory.mktemp("nwb-small") / "monkeys"
+    synthetic_nwb.write_synthetic_nwb(str(root), seed=1, trials=40)
+    return str(root), data.read_synthetic_truth(str(root))
+
+
+def test_nwb_session_is_an_animal_with_the_mouse_interface(small_monkeys):
+    root, truth = small_monkeys
+    animals = data.mice_from_config(config.preset("monkey").data, [root])
+    assert sorted(a.name for a in animals) == [f"{m}-session{s}" for m in "CJMT" for s in (1, 2)]
+    for a in animals:
+        s = a.session_data
+        assert a.stimulus_kind == "behaviour" and a.n_neurons == s.spikes.shape[2]
+        assert a.coords_tensor() is None
+        for c in np.unique(s.condition):                      # every 5th trial of a condition is held back
+            tiers = a.tiers[s.condition == c]
+            assert list(tiers) == ["oracle" if k % 5 == 4 else "train" for k in range(len(tiers))]
+        i = int(a.trials(["oracle"])[0])
+        stimulus, responses = a.normalised(i)
+        assert stimulus.shape == (35, 2) and responses.shape == (35, a.n_neurons)
+        assert a.valid_frames(i) == 35
+        torch.testing.assert_close(stimulus * a.behaviour_scale, torch.from_numpy(s.velocity[i]))
+        assert a.condition(i) == s.condition[i] and np.array_equal(a.behaviour(i), s.velocity[i])
+        observed = a.observed(i).numpy()
+        np.testing.assert_array_equal(responses.numpy()[observed], s.spikes[i][observed])
+        # a unit not recorded over a bin has no count: it reads as the unit's mean and is flagged, never 0
+        nan = np.isnan(s.spikes)
+        if nan.any():
+            k, t, u = (int(x[0]) for x in np.nonzero(nan))
+            assert not a.observed(k)[t, u]
+            assert a.normalised(k)[1][t, u] == pytest.approx(float(a.mean_rate[u]))
+
+
+def test_nwb_trials_pair_by_condition_across_sessions_and_monkeys(small_monkeys):
+    root, truth = small_monkeys
+    animals = {a.name: a for a in data.mice_from_config(config.preset("monkey").data, [root])}
+    groups = data.stimulus_groups(list(animals.values()))
+    for name, a in animals.items():
+        for i in a.trials():
+            same = [(n, j) for n, b in animals.items() for j in b.trials()
+                    if b.condition(j) == a.condition(i)]
+            assert {groups[k] for k in same} == {groups[(name, int(i))]}
+    def ids(name):
+        return {groups[(name, int(i))] for i in animals[name].trials()}
+    assert ids("C-session1") == ids("M-session2")
+    assert not ids("C-session1") & ids("J-session1")          # maze labels never pair with targets
+
+
+def test_holdout_names_a_subject_and_takes_every_session(small_monkeys, tmp_path):
+    root, truth = small_monkeys
+    cfg = config.preset("monkey")
+    cfg.data.paths, cfg.data.holdout = (root,), ("M", "T-session2")
+    train_set, heldout = train.resolve_data(cfg, rank=0)
+    assert sorted(a.name for a in heldout) == ["M-session1", "M-session2", "T-session2"]
+    assert len(train_set) == 5
+
+
+def test_behaviour_branch_shapes_losses_and_encode():
+    cfg = config.preset("monkey").model
+    torch.manual_seed(0)
+    model = pnba.PNBA(cfg, {"s": 30})
+    B, T = 3, 35
+    r, v = torch.poisson(torch.full((B, T, 30), 0.5)), torch.randn(B, T, 2)
+    model.eval()
+    out = model(r, v, "s")
+    assert out.stimulus_rec.shape == out.stimulus_cross.shape == (B, T, 2)
+    for name in pnba.Gaussians._fields:
+        assert getattr(out.gaussians, name).shape == (B, 8, 4, T), name
+    torch.testing.assert_close(out.losses.stimulus, ((out.stimulus_rec - v) ** 2).sum() / B)
+    torch.testing.assert_close(out.stimulus_rec, model.decode_stimulus(out.gaussians.mu_p, v.shape))
+    g = model.encode(stimulus=v)
+    torch.testing.assert_close(g.mu_y, out.gaussians.mu_y)
+    assert g.mu_x is None
+    model.train()
+    model(r, v, "s").losses.total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert not hasattr(model, "video_encoder") and not hasattr(model, "video_decoder")
+
+
+def test_poisson_terms_leave_out_unobserved_elements():
+    torch.manual_seed(0)
+    rate = torch.rand(2, 5, 4, requires_grad=True)
+    target = torch.poisson(torch.full((2, 5, 4), 0.7))
+    observed = torch.rand(2, 5, 4) > 0.3
+    nll = pnba.poisson_nll(rate, target, observed)
+    expected = (rate - target * torch.log(rate + pnba.POISSON_EPS))[observed].sum() / 2
+    torch.testing.assert_close(nll, expected)
+    nll.backward()
+    assert (rate.grad[~observed] == 0).all() and (rate.grad[observed] != 0).all()
+    # a masked element's target may be anything, NaN included, without reaching the loss
+    torch.testing.assert_close(pnba.poisson_nll(rate, torch.where(observed, target, torch.nan), observed),
+                               expected)
+
+
+def test_unit_dropout_hides_neurons_from_the_encoder_only_in_training():
+    cfg = config.preset("monkey").model
+    model = pnba.PNBA(cfg, {"s": 40})
+    seen = []
+    model.neural_projector.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[-1]))
+    r, v = torch.poisson(torch.full((2, 35, 40), 0.5)), torch.randn(2, 35, 2)
+    torch.manual_seed(0)
+    model.train()
+    out = model(r, v, "s")
+    assert 3 <= seen[-1] < 40 and out.rate.shape == (2, 35, 40)        # the losses still see every neuron
+    model.eval()
+    model(r, v, "s")
+    assert seen[-1] == 40
+
+
+def test_synthetic_monkeys_share_identity_free_direction_information(tmp_path):
+    """Where zero-shot decoding across monkeys can come from: with the shared, non-uniform preferred-direction
+    density and direction-dependent speed, the population's summed rate depends on the reach direction in the
+    same way in every monkey; with uniform densities and no speed anisotropy it does not (the same statistic
+    on the same number of trials), so no identity-free encoder could tell directions apart there."""
+    def direction_profile(root):
+        out = {}
+        for path in sorted(glob.glob(f"{root}/**/*.nwb", recursive=True)):
+            s = nwb.open_session(path)
+            total = np.nansum(s.spikes[:, 12:30], axis=(1, 2))          # -10 ... +350 ms: the reach
+            conditions = np.unique(s.condition)
+            out[path] = (sps.f_oneway(*[total[s.condition == c] for c in conditions]).pvalue,
+                         np.array([total[s.condition == c].mean() for c in conditions]))
+        return out
+    kw = dict(trials=160, sessions=1, monkeys=(("A", "688", 80, ("M1",), "train"),
+                                               ("B", "688", 80, ("M1",), "train")))
+    shared = direction_profile(synthetic_nwb.write_synthetic_nwb(str(tmp_path / "shared"), seed=4, **kw)[0]
+                               .rsplit("/sub-", 1)[0])
+    uniform = direction_profile(synthetic_nwb.write_synthetic_nwb(
+        str(tmp_path / "uniform"), seed=4, pd_density=(0.0, 0.0, 0.0, 0.0), speed_anisotropy=0.0, **kw)[0]
+        .rsplit("/sub-", 1)[0])
+    (pa, ma), (pb, mb) = shared.values()
+    assert pa < 1e-3 and pb < 1e-3 and np.corrcoef(ma, mb)[0, 1] > 0.7          # same profile in both
+    (ua, va), (ub, vb) = uniform.values()
+    assert np.corrcoef(va, vb)[0, 1] < np.corrcoef(ma, mb)[0, 1] - 0.3

@@ -89,12 +89,14 @@ def build_config(args, rest):
 
 
 def resolve_data(cfg, rank):
-    """Mouse folders for the run; writes the synthetic demo dataset if no data was named."""
+    """The animals of the run (training, held out); writes the synthetic dataset of data.synth_preset if no
+    data was named. --holdout names an animal, a subject (every session of an NWB monkey) or a unique
+    prefix of an animal's name."""
     if not cfg.data.paths:
         root = os.path.join(DEMO_DATA, cfg.data.synth_preset)
         if rank == 0 and not os.path.isdir(root):
             print(f"writing the synthetic {cfg.data.synth_preset} dataset to {root} ...")
-            data.write_synthetic(root, preset=cfg.data.synth_preset, seed=cfg.run.seed)
+            data.write_synthetic_dataset(root, preset=cfg.data.synth_preset, seed=cfg.run.seed)
         if dist.is_initialized():
             dist.barrier()
         cfg.data.paths = (root,)
@@ -105,10 +107,11 @@ def resolve_data(cfg, rank):
     names = [m.name for m in mice]
     heldout = set()
     for h in cfg.data.holdout:
-        hits = [n for n in names if n == h] or [n for n in names if n.startswith(h)]
-        if len(hits) != 1:
-            raise TrainError(f"--holdout {h!r} matches {len(hits)} of the mice {', '.join(names)}")
-        heldout.add(hits[0])
+        hits = ([n for n in names if n == h] or [m.name for m in mice if getattr(m, "subject", None) == h]
+                or [n for n in names if n.startswith(h)])
+        if len(hits) != 1 and not any(getattr(m, "subject", None) == h for m in mice):
+            raise TrainError(f"--holdout {h!r} matches {len(hits)} of the animals {', '.join(names)}")
+        heldout.update(hits)
     train_mice = [m for m in mice if m.name not in heldout]
     if not train_mice:
         raise TrainError("every mouse is held out: nothing to train on")
@@ -313,6 +316,30 @@ def prepare_validation(train_mice, heldout_mice) -> ValidationSet:
     return ValidationSet(trials, scored, stimulus, ceiling, ridge)
 
 
+VAL_CHUNK = 64           # windows per forward pass in validation
+
+
+def _in_chunks(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """fn(chunk, *args) over x (W, ...) in chunks of VAL_CHUNK windows, concatenated: eval-mode outputs do not
+    depend on which windows share a batch, and batched passes are many times faster than one window at a
+    time."""
+    return torch.cat([fn(x[k:k + VAL_CHUNK], *args) for k in range(0, len(x), VAL_CHUNK)])
+
+
+def _encode_trials(model, modality: str, inputs: list[torch.Tensor], **kwargs) -> list[pnba.Gaussians]:
+    """model.encode(**{modality: windows}, **kwargs) over every trial's windows at once, in chunks; one
+    Gaussians per trial (modality "responses" or "stimulus")."""
+    if not inputs:
+        return []
+    stacked = torch.cat(inputs)
+    parts = [model.encode(**{modality: stacked[k:k + VAL_CHUNK]}, **kwargs)
+             for k in range(0, len(stacked), VAL_CHUNK)]
+    sizes = [len(x) for x in inputs]
+    fields = [torch.cat(f).split(sizes) if f[0] is not None else [None] * len(sizes)
+              for f in zip(*parts, strict=True)]
+    return [pnba.Gaussians(*trial) for trial in zip(*fields, strict=True)]
+
+
 def _mean_corr(prediction, target):
     return float(np.nanmean(stats.per_neuron_corr(prediction.numpy(), target.numpy())))
 
@@ -337,30 +364,44 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
     model.eval()
     rng = np.random.default_rng(seed)
     frames = cfg.data.frames
-    video_cache = {}                    # stimulus id -> (windows Gaussians, per-frame mu_y, logvar_y)
+    # a video is the same for every trial that shows it: encoded once per stimulus id. Behaviour is the
+    # trial's own (two reaches to one target differ), so it is encoded per trial
+    stimulus_cache = {}                 # key -> (windows Gaussians, per-frame mu_y, logvar_y)
     reps, per_animal = {}, {}
     for m in train_mice + heldout_mice:
         trained, coords = m in train_mice, m.coords_tensor(device)
         reps[m.name], predictions, fused, targets = [], [], [], []
         windows = {i: data.eval_windows(m, i, frames) for i in vset.trials[m.name]}   # read once
-        x_stats = model.neural_statistics((w["responses"].to(device) for w in windows.values()),
-                                          coords=coords)
+        responses = {i: w["responses"].to(device) for i, w in windows.items()}
+        x_stats = model.neural_statistics(torch.cat(list(responses.values())).split(VAL_CHUNK), coords=coords)
+        gx_of = dict(zip(windows, _encode_trials(model, "responses", list(responses.values()), coords=coords,
+                                                 x_stats=x_stats), strict=True))
+        key_of = {i: vset.stimulus[(m.name, i)] if m.stimulus_kind == "video" else (m.name, i)
+                  for i in windows}
+        new = {key_of[i]: i for i in windows if key_of[i] not in stimulus_cache}
+        stimuli = [windows[i]["stimulus"].to(device) for i in new.values()]
+        for key, gy in zip(new, _encode_trials(model, "stimulus", stimuli), strict=True):
+            keep = windows[new[key]]["keep"].reshape(-1)
+            stimulus_cache[key] = (gy, pnba.per_frame(gy.mu_y, keep), pnba.per_frame(gy.logvar_y, keep))
+        scored = [i for i in windows if trained and i in vset.scored.get(m.name, ())]
         for i, w in windows.items():
-            keep, s = w["keep"].reshape(-1), vset.stimulus[(m.name, i)]
-            gx = model.encode(w["responses"].to(device), None, coords=coords, x_stats=x_stats)
-            if s not in video_cache:
-                gy = model.encode(None, w["video"].to(device))
-                video_cache[s] = (gy, pnba.per_frame(gy.mu_y, keep), pnba.per_frame(gy.logvar_y, keep))
-            gy, mu_y, logvar_y = video_cache[s]
-            reps[m.name].append(data.TrialRep(m.name, str(m.tiers[i]), i, s, w["valid_frames"], not trained, {
+            keep, gx = w["keep"].reshape(-1), gx_of[i]
+            gy, mu_y, logvar_y = stimulus_cache[key_of[i]]
+            reps[m.name].append(data.TrialRep(m.name, str(m.tiers[i]), i, vset.stimulus[(m.name, i)],
+                                              w["valid_frames"], not trained, {
                 "mu_x": pnba.per_frame(gx.mu_x, keep), "logvar_x": pnba.per_frame(gx.logvar_x, keep),
                 "mu_y": mu_y, "logvar_y": logvar_y}))
-            if trained and i in vset.scored.get(m.name, ()):
-                flat = [t.flatten(1) for t in (gx.mu_x, gx.logvar_x, gy.mu_y, gy.logvar_y)]
-                mu_p = kernels.poe(*flat)[0].view_as(gx.mu_x)
-                predictions.append(model.decode_responses(gy.mu_y, m.name).flatten(0, 1)[keep].float().cpu())
-                fused.append(model.decode_responses(mu_p, m.name).flatten(0, 1)[keep].float().cpu())
-                targets.append(w["responses"].flatten(0, 1)[keep])
+        if scored:
+            gys = [stimulus_cache[key_of[i]][0] for i in scored]
+            mu_y = [gy.mu_y for gy in gys]
+            mu_p = [kernels.poe(*(t.flatten(1) for t in (gx_of[i].mu_x, gx_of[i].logvar_x, gy.mu_y,
+                                                         gy.logvar_y)))[0].view_as(gy.mu_y)
+                    for i, gy in zip(scored, gys, strict=True)]
+            for latents, out in ((mu_y, predictions), (mu_p, fused)):
+                rates = _in_chunks(model.decode_responses, torch.cat(latents), m.name)
+                out += [r.flatten(0, 1)[windows[i]["keep"].reshape(-1)].float().cpu()
+                        for i, r in zip(scored, rates.split([len(z) for z in latents]), strict=True)]
+            targets = [windows[i]["responses"].flatten(0, 1)[windows[i]["keep"].reshape(-1)] for i in scored]
         a = {}
         if predictions:
             target = torch.cat(targets)
@@ -547,8 +588,9 @@ def train(argv=None):
                 batch = batch_to(batch, device)
                 mouse = next(m for m in train_mice if m.name == batch["mouse"])
                 with amp:
-                    out = model(batch["responses"], batch["video"], batch["mouse"],
-                                coords=mouse.coords_tensor(device), align_scale=align_scale(cfg, step))
+                    out = model(batch["responses"], batch["stimulus"], batch["mouse"],
+                                coords=mouse.coords_tensor(device), align_scale=align_scale(cfg, step),
+                                observed=batch.get("observed"))
                 loss = out.losses.total
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:  # every rank must skip together, or DDP hangs in backward

@@ -1,8 +1,9 @@
 """Monkey motor cortex from NWB files with plain h5py: a reader for both layouts of docs/data_formats.md §4
-(DANDI 000688 Perich & Miller centre-out, NLB MC_Maze 000128/000138) and a synthetic writer in exactly those
-HDF5 paths, from a known shared latent per reach direction.
+(DANDI 000688 Perich & Miller centre-out, NLB MC_Maze 000128/000138), and `Monkey`, one session as a PNBA
+animal with the interface of recordings.sensorium.Mouse (the stimulus is the hand/cursor velocity).
 
-Data layer only: imports numpy, scipy, h5py and data (DataError, the truth-sidecar helpers).
+    s = open_session("sub-C/sub-C_ses-CO-20240101_behavior+ecephys.nwb")    # Session: binned trials
+    animal = Monkey(path)                                                   # what train/extract read
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
+import torch
 
 from recordings.common import DataError, open_hdf5
 
@@ -312,3 +314,127 @@ def print_report(report: dict) -> None:
             print(f"  {name} ({s['layout']}, {os.path.basename(s['file'])}): units {units}; "
                   f"{s['trials']} trials, dropped: {dropped}")
             print("    per condition: " + ", ".join(f"{c} {k}" for c, k in s["conditions"].items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# One session as a PNBA animal
+# ---------------------------------------------------------------------------------------------
+
+ORACLE_EVERY = 5          # every 5th successful trial of each condition is held back from training
+
+
+def animal_name(subject: str, session: str) -> str:
+    """The animal key of a session: "<subject>-<session>" without the characters a key cannot hold."""
+    name = session if session.startswith(subject) else f"{subject}-{session}"
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+class Monkey:
+    """One NWB session as a PNBA animal (its units are its own, so it has its own readout), with the
+    interface of recordings.sensorium.Mouse: name, path, tiers, trials(), valid_frames(), normalised().
+
+    Trials are the successful ones of open_session, each `bins` long. Tiers: every ORACLE_EVERY-th trial of
+    each condition (in trial order) is "oracle", the rest "train" -- Sensorium's name for repeated stimuli
+    held out of training, so that validation and the stats scripts score both kinds of data the same way.
+    The stimulus is the velocity (bins, D) divided by one scale per session (the RMS speed over the
+    train tier; unsupervised, so a held-out monkey's comes from its own kinematics); responses are spike
+    counts per bin. A unit not observed over a bin (NaN in the Session) is given its mean count over the
+    train tier there and flagged in observed(), so that the Poisson loss leaves it out."""
+
+    stimulus_kind = "behaviour"
+
+    def __init__(self, path: str, bin_ms: float = 20, window_ms: tuple[float, float] = (-250, 450),
+                 area: str | None = None):
+        s = open_session(path, bin_ms, window_ms, area or None)
+        if len(s.trial) == 0:
+            raise DataError(f"{s.path}: no successful trials with a movement onset inside the recording "
+                            f"(dropped: {', '.join(f'{k} {v}' for k, v in s.dropped.items() if v)})")
+        seen = s.observed.any(axis=(0, 1))
+        if not seen.any():
+            raise DataError(f"{s.path}: /units: no unit is observed in any trial window")
+        self.session_data = s
+        self.path, self.subject, self.session = s.path, s.subject, s.session
+        self.name = animal_name(s.subject, s.session)
+        self.units = np.flatnonzero(seen)                   # units never observed in a window are left out
+        self.n_neurons, self.bins = len(self.units), s.spikes.shape[1]
+        rank = np.zeros(len(s.trial), np.int64)
+        for c in np.unique(s.condition):
+            rows = np.flatnonzero(s.condition == c)
+            rank[rows] = np.arange(len(rows))
+        self.tiers = np.where(rank % ORACLE_EVERY == ORACLE_EVERY - 1, "oracle", "train")
+        self._trials = np.arange(len(s.trial))
+        train = self.tiers == "train"
+        spikes = s.spikes[:, :, self.units]
+        unit_mean = np.nanmean(spikes[train] if train.any() else spikes, axis=(0, 1))
+        self.mean_rate = np.nan_to_num(unit_mean).astype(np.float32)             # (N,) counts per bin
+        self._observed = ~np.isnan(spikes)
+        self._responses = np.where(self._observed, spikes, self.mean_rate).astype(np.float32)
+        v = s.velocity[train] if train.any() else s.velocity
+        self.behaviour_scale = float(np.sqrt(np.mean(np.sum(v ** 2, -1)))) or 1.0
+        self._stimulus = (s.velocity / self.behaviour_scale).astype(np.float32)
+        self.behaviour_dim = s.velocity.shape[-1]
+        self.coords, self.hidden_tiers = None, []
+
+    def __repr__(self) -> str:
+        return f"Monkey({self.name!r}, {self.n_neurons} units, {len(self._trials)} trials)"
+
+    def coords_tensor(self, device=None) -> None:
+        return None
+
+    @property
+    def tiers_source(self) -> str:
+        """Where the tiers come from, for messages: the trials table (tiers are cut from it here)."""
+        return f"{self.path}: {TRIALS}"
+
+    def source(self, i: int) -> str:
+        """Where trial i comes from, for messages: the file and its row in /intervals/trials."""
+        return f"{self.path}: /intervals/trials row {int(self.session_data.trial[int(i)])}"
+
+    def trials(self, tiers=None, hidden: bool = True) -> np.ndarray:
+        out = self._trials
+        if tiers is not None:
+            out = out[np.isin(self.tiers[out], [tiers] if isinstance(tiers, str) else list(tiers))]
+        return out
+
+    def valid_frames(self, i: int) -> int:
+        return self.bins
+
+    def is_hidden(self, i: int) -> bool:
+        return False
+
+    def condition(self, i: int) -> str:
+        return str(self.session_data.condition[int(i)])
+
+    def behaviour(self, i: int) -> np.ndarray:
+        """Trial i's velocity (bins, D) in the file's units (behaviour_unit), not normalised."""
+        return self.session_data.velocity[int(i)]
+
+    def observed(self, i: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(T, N) bool: the unit was recorded over the bin."""
+        return torch.from_numpy(self._observed[int(i), start:stop])
+
+    def normalised(self, i: int, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Bins [start, stop) of trial i: velocity / behaviour_scale (T, D) float32 and spike counts (T, N)
+        float32 (unobserved bins at the unit's mean, see observed())."""
+        stop = self.bins if stop is None else stop
+        if not 0 <= start < stop <= self.bins:
+            raise ValueError(f"{self.name} trial {i}: bins [{start}, {stop}) outside its {self.bins} bins")
+        i = int(i)
+        return (torch.from_numpy(self._stimulus[i, start:stop].copy()),
+                torch.from_numpy(self._responses[i, start:stop].copy()))
+
+
+def open_monkeys(paths: list[str], bin_ms: float = 20, window_ms: tuple[float, float] = (-250, 450),
+                 area: str | None = None) -> list[Monkey]:
+    """Every session of the .nwb files named or found under the folders named, as animals; DataError on a
+    name given twice (two files with one session id)."""
+    files = find_nwb(paths)
+    if not files:
+        raise DataError(f"{', '.join(paths)}: no .nwb files")
+    monkeys = [Monkey(f, bin_ms, window_ms, area) for f in files]
+    seen = {}
+    for m in monkeys:
+        if m.name in seen:
+            raise DataError(f"{m.path}: session {m.name!r} again (also {seen[m.name]})")
+        seen[m.name] = m.path
+    return monkeys

@@ -106,12 +106,15 @@ def _video_thumbnails(mouse: Mouse) -> dict[str, np.ndarray]:
 
 
 def stimulus_groups(mice: list[Mouse]) -> dict[tuple[str, int], int]:
-    """(mouse name, trial) -> stimulus id, for every trial with files; equal ids = the same video, within a
-    mouse and across mice. Ids are numbered in order of (mouse name, trial), so they depend only on the set of
-    mice. Only videos of equal valid length are compared: each is hashed to a bucket by the mean grey level
-    of the four quadrants of its first thumbnail step, candidates come from the same and neighbouring
-    buckets, and a candidate is the same video when the thumbnails correlate above 0.999 (flat videos:
-    when they differ by at most 2 grey levels everywhere)."""
+    """(animal name, trial) -> stimulus id, for every trial with files; equal ids = the same stimulus, within
+    an animal and across animals. Behaviour recordings (recordings.nwb.Monkey): the same condition label
+    (condition_groups). Videos: the same video. Ids are numbered in order of (mouse name, trial), so they
+    depend only on the set of mice. Only videos of equal valid length are compared: each is hashed to a
+    bucket by the mean grey level of the four quadrants of its first thumbnail step, candidates come from
+    the same and neighbouring buckets, and a candidate is the same video when the thumbnails correlate above
+    0.999 (flat videos: when they differ by at most 2 grey levels everywhere)."""
+    if any(m.stimulus_kind == "behaviour" for m in mice):
+        return condition_groups(mice)
     entries, frames, thumbs = [], [], []
     for mouse in sorted(mice, key=lambda m: m.name):
         v = _video_thumbnails(mouse)
@@ -154,6 +157,20 @@ def stimulus_groups(mice: list[Mouse]) -> dict[tuple[str, int], int]:
                 parent[root(members[b])] = root(members[a])
     ids: dict[int, int] = {}
     return {e: ids.setdefault(root(k), len(ids)) for k, e in enumerate(entries)}
+
+
+def condition_groups(animals: list) -> dict[tuple[str, int], int]:
+    """(animal name, trial) -> condition id: conditions numbered in sorted label order over all animals, so
+    that the same label is the same id in every session and monkey (different task layouts use different
+    labels and never pair). DataError if the animals mix videos and behaviour."""
+    kinds = {a.stimulus_kind for a in animals}
+    if len(kinds) > 1:
+        raise DataError(f"{', '.join(a.path for a in animals)}: a run reads one kind of recording, not "
+                        f"{' and '.join(sorted(kinds))} together")
+    labels = sorted({a.condition(i) for a in animals for i in a.trials()})
+    ids = {c: k for k, c in enumerate(labels)}
+    return {(a.name, int(i)): ids[a.condition(i)] for a in sorted(animals, key=lambda a: a.name)
+            for i in a.trials()}
 
 
 def pairs(groups: dict[tuple[str, int], int], a, b) -> list[tuple[int, int]]:

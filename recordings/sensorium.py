@@ -182,6 +182,21 @@ class Mouse:
         self._valid: dict[int, int] = {}
         self._hidden: dict[int, bool] = {}
 
+    stimulus_kind = "video"
+
+    @property
+    def tiers_source(self) -> str:
+        """Where the tiers come from, for messages."""
+        return self._file("meta/trials/tiers.npy")
+
+    def source(self, i: int) -> str:
+        """Where trial i comes from, for messages."""
+        return self._file(f"data/videos/{int(i)}.npy")
+
+    def observed(self, i: int, start: int = 0, stop: int | None = None) -> None:
+        """Every neuron is recorded in every valid frame (a NaN there is a DataError)."""
+        return None
+
     def __repr__(self) -> str:
         return f"Mouse({self.name!r}, {self.n_neurons} neurons, {len(self._trials)} trials)"
 

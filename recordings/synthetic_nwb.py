@@ -23,7 +23,7 @@ class NWBSynthSpec:
 
     monkeys: tuple[tuple[str, str, int, tuple[str, ...], str], ...]
     sessions: int = 2
-    trials: int = 80
+    trials: int = 120
     conditions: int = 8               # reach directions 2 pi c / conditions
     fail_fraction: float = 0.1        # trials with result "A"/"F" (success False): no reach
     behaviour_hz: float = 1000.0
@@ -33,6 +33,17 @@ class NWBSynthSpec:
     drift: float = 0.15               # per-session change of log-baselines and tuning gains
     partial_units: int = 2            # units per file observed only in the first half of the session
     spike_dt: float = 0.005           # rate held constant over this step (exact piecewise-constant Poisson)
+    # preferred directions (PD) come from one non-uniform density shared by every monkey (M1's PDs are
+    # not uniform, and the bias has the same axis in different monkeys: Scott et al. 2001, Naselaris et al.
+    # 2006): p(phi) ~ 1 + a1 cos(phi - m1) + a2 cos(2 (phi - m2)), (a1, m1 deg, a2, m2 deg); each monkey's
+    # density is turned by its own N(0, pd_jitter_deg). With a uniform density (0, 0, 0, 0) the
+    # population of a monkey whose units are unknown carries no information about the reach direction.
+    pd_density: tuple[float, float, float, float] = (0.6, 30.0, 0.35, 100.0)
+    pd_jitter_deg: float = 10.0
+    # peak speed x (1 + a cos(2 (theta - axis))), the same arm mechanics in every monkey (reach_latent);
+    # units are also tuned to speed regardless of direction (Moran & Schwartz 1999)
+    speed_anisotropy: float = 0.25
+    speed_axis_deg: float = 60.0
 
 
 NWB_SYNTH_PRESETS = {
@@ -41,20 +52,24 @@ NWB_SYNTH_PRESETS = {
                             ("M", "688", 60, ("M1",), "heldout"),
                             ("T", "688", 40, ("M1", "PMd"), "control"))),
 }
-LATENT_K = 4                          # (vx, vy, prep_x, prep_y), each ~unit peak
+LATENT_K = 5                          # (vx, vy, prep_x, prep_y, speed), each ~unit peak
 
 
-def reach_latent(t: np.ndarray, theta: np.ndarray, reach_s: float) -> np.ndarray:
+def reach_latent(t: np.ndarray, theta: np.ndarray, reach_s: float, speed_anisotropy: float = 0.0,
+                 speed_axis_deg: float = 0.0) -> np.ndarray:
     """The shared latent (trials, K, T) at times t (trials, T) s from movement onset, for reach directions
-    theta (trials,): a minimum-jerk out-and-back speed profile along theta (the velocity readout) and a
-    preparatory bump pointing at the target, peaking 150 ms before onset."""
+    theta (trials,): a minimum-jerk out-and-back speed profile along theta (the velocity readout), a
+    preparatory bump pointing at the target, peaking 150 ms before onset, and the speed itself. The peak
+    speed depends on the direction as 1 + speed_anisotropy cos(2 (theta - axis)): the arm's inertia is
+    anisotropic, so reaches along its low-inertia axis are faster (Gordon et al. 1994)."""
     def speed(x):
         tau = np.clip(x / reach_s, 0, 1)
         return 30 * tau**2 * (1 - tau) ** 2 / 1.875          # peak 1
-    s = speed(t) - speed(t - 0.5)                           # out, then back 500 ms later
+    amplitude = 1 + speed_anisotropy * np.cos(2 * (theta - np.radians(speed_axis_deg)))
+    s = amplitude[:, None] * (speed(t) - speed(t - 0.5))   # out, then back 500 ms later
     prep = np.exp(-0.5 * ((t + 0.15) / 0.12) ** 2)
     u = np.stack([np.cos(theta), np.sin(theta)], 1)[:, :, None]                  # (trials, 2, 1)
-    return np.concatenate([s[:, None] * u, prep[:, None] * u], 1)
+    return np.concatenate([s[:, None] * u, prep[:, None] * u, np.abs(s)[:, None]], 1)
 
 
 def write_synthetic_nwb(root: str, preset: str = "monkey", seed: int = 0, **overrides) -> list[str]:
@@ -64,7 +79,8 @@ def write_synthetic_nwb(root: str, preset: str = "monkey", seed: int = 0, **over
 
     Model: per trial the latent z = reach_latent(t - onset, direction); velocity (mm/s) = peak speed x gain
     x z[:2]; unit n of monkey m, session s: rate = exp(b_n + drift_b_n s + (1 + drift_g_n s) c_n . z(t +
-    lead)) (the control monkey's z uses a random direction per trial); spikes Poisson at that rate."""
+    lead)) with c_n from the shared preferred-direction density (_tuning; the control monkey's z uses a random
+    direction per trial); spikes Poisson at that rate."""
     spec = synthetic_spec(NWBSynthSpec, NWB_SYNTH_PRESETS, preset, overrides)
     return write_new_folder(root, lambda tmp: _write_all(tmp, spec, preset, seed))
 
@@ -73,11 +89,12 @@ def _write_all(out: str, spec: NWBSynthSpec, preset: str, seed: int) -> list[str
     files, truth, info = [], {}, {}
     t_lat = np.arange(-0.5, 1.0, 0.005)
     theta_c = 2 * np.pi * np.arange(spec.conditions) / spec.conditions
-    truth["latent"] = reach_latent(np.tile(t_lat, (spec.conditions, 1)), theta_c, spec.reach_s)
+    truth["latent"] = reach_latent(np.tile(t_lat, (spec.conditions, 1)), theta_c, spec.reach_s,
+                                   spec.speed_anisotropy, spec.speed_axis_deg)
     truth["latent_t"] = t_lat
     for m, (name, layout, n_units, areas, role) in enumerate(spec.monkeys):
         rng = np.random.default_rng([seed, m])
-        neurons = dict(b=np.log(rng.uniform(4, 20, n_units)), c=rng.normal(0, 1.0, (n_units, LATENT_K)),
+        neurons = dict(b=np.log(rng.uniform(4, 20, n_units)), c=_tuning(rng, n_units, spec),
                        drift_b=rng.normal(0, spec.drift, n_units), drift_g=rng.normal(0, spec.drift, n_units),
                        area=np.array([areas[i % len(areas)] for i in rng.permutation(n_units)]))
         info[name] = {"layout": layout, "role": role, "units": n_units, "areas": list(areas), "files": []}
@@ -98,6 +115,26 @@ def _write_all(out: str, spec: NWBSynthSpec, preset: str, seed: int) -> list[str
                    **by_role, "files": files, "latent_k": LATENT_K},
                   f, indent=1, sort_keys=True)
     return files
+
+
+def _tuning(rng: np.random.Generator, n: int, spec: NWBSynthSpec) -> np.ndarray:
+    """(n, LATENT_K) tuning vectors: unit n drives with gain_v (cos phi, sin phi) on the velocity latent,
+    gain_p (cos phi', sin phi') on the preparatory one and N(0.5, 0.5) on the speed, phi from the shared PD
+    density (rejection sampling, turned by this monkey's jitter), phi' = phi + N(0, 30 deg), gains
+    Gamma(4, 3/8) (mean 1.5)."""
+    a1, m1, a2, m2 = spec.pd_density
+    turn = np.radians(rng.normal(0, spec.pd_jitter_deg))
+    phi = np.empty(0)
+    while len(phi) < n:
+        cand = rng.uniform(0, 2 * np.pi, 4 * n)
+        angle = cand - turn
+        density = 1 + a1 * np.cos(angle - np.radians(m1)) + a2 * np.cos(2 * (angle - np.radians(m2)))
+        phi = np.concatenate([phi, cand[rng.uniform(0, 1 + abs(a1) + abs(a2), 4 * n) < density]])
+    phi = phi[:n]
+    phi_prep = phi + rng.normal(0, np.radians(30), n)
+    gain_v, gain_p = rng.gamma(4, 0.375, n), rng.gamma(4, 0.375, n)
+    return np.stack([gain_v * np.cos(phi), gain_v * np.sin(phi), gain_p * np.cos(phi_prep),
+                     gain_p * np.sin(phi_prep), rng.normal(0.5, 0.5, n)], 1)
 
 
 def _trial_times(spec: NWBSynthSpec, rng: np.random.Generator, success: np.ndarray) -> dict[str, np.ndarray]:
@@ -122,7 +159,8 @@ def _latent_on(grid: np.ndarray, onset: np.ndarray, theta: np.ndarray, gain: np.
         if np.isfinite(o):
             i = max(int(np.searchsorted(grid, o - 0.5)), 0)
             t = grid[i:i + n] - o
-            z[i:i + len(t)] += g * reach_latent(t[None], np.array([th]), spec.reach_s)[0].T
+            z[i:i + len(t)] += g * reach_latent(t[None], np.array([th]), spec.reach_s, spec.speed_anisotropy,
+                                                spec.speed_axis_deg)[0].T
     return z
 
 

@@ -3,7 +3,7 @@ batch, DDP shards, a plan that is a pure function of its arguments) and whole-tr
 
 A recording here is anything with the Mouse interface (recordings.sensorium.Mouse, recordings.nwb.Monkey):
 name, path, tiers, trials(tiers, hidden), valid_frames(i), normalised(i, start, stop) -> (stimulus,
-responses), source_file(i).
+responses), observed(i, start, stop), source(i), stimulus_kind ("video" | "behaviour").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from recordings.common import DataError
-from recordings.sensorium import Mouse
+from recordings.sensorium import Mouse  # or recordings.nwb.Monkey: the same interface
 
 
 def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: int) -> None:
@@ -25,13 +25,13 @@ def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: i
     reads with no NaN inside its valid window (all neurons, all pixels); train trials hold a window."""
     for m in train_mice:
         if not len(m.trials(["train"], hidden=False)):
-            raise DataError(f"{m._file('meta/trials/tiers.npy')}: no train-tier trials with responses, so "
+            raise DataError(f"{m.tiers_source}: no train-tier trials with responses, so "
                             f"{m.name} cannot be trained on; hold it out (--holdout {m.name})")
     for m in train_mice + heldout_mice:
         for i in m.trials(["train", "oracle"], hidden=False):
             T = m.valid_frames(int(i))
             if T < frames and m in train_mice and m.tiers[i] == "train":
-                raise DataError(f"{m._file(f'data/videos/{i}.npy')}: {T} valid frames, fewer than the "
+                raise DataError(f"{m.source(i)}: {T} valid frames, fewer than the "
                                 f"{frames}-frame training window (--data.frames)")
 
 
@@ -70,7 +70,7 @@ def _train_plan(mice, frames, batch_size, seed, epoch, rank, world) -> list[tupl
             for i in map(int, batch):
                 T = mouse.valid_frames(i)
                 if T < frames:
-                    raise DataError(f"{mouse._file(f'data/videos/{i}.npy')}: {T} valid frames, fewer than "
+                    raise DataError(f"{mouse.source(i)}: {T} valid frames, fewer than "
                                     f"the {frames}-frame training window")
                 start = np.random.default_rng([seed, epoch, key, i]).integers(T - frames + 1)
                 windows.append((i, int(start)))
@@ -82,8 +82,10 @@ def _train_plan(mice, frames, batch_size, seed, epoch, rank, world) -> list[tupl
 class TrainWindows(torch.utils.data.Dataset):
     """Map-style dataset whose items are whole batches, addressed by the plan entries of _train_plan.
 
-    Batch: video (B, 1, frames, H, W) float32, responses (B, frames, N) float32, index (B, frames) int64
-    absolute frame numbers, trial (B,) int64, mouse str (one mouse per batch: neuron counts differ)."""
+    Batch: stimulus = video (B, 1, frames, H, W) or behaviour (B, frames, D) float32, responses (B, frames, N)
+    float32, index (B, frames) int64 absolute frame numbers, trial (B,) int64, mouse str (one animal per
+    batch: neuron counts differ), and observed (B, frames, N) bool when some units were not recorded
+    throughout (NWB)."""
 
     def __init__(self, mice: list[Mouse], frames: int):
         self.mice, self.frames = mice, frames
@@ -91,11 +93,22 @@ class TrainWindows(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, tuple]) -> dict:
         m, windows = item
         mouse = self.mice[m]
-        videos, responses = zip(*(mouse.normalised(i, s, s + self.frames) for i, s in windows), strict=True)
+        stimuli, responses = zip(*(mouse.normalised(i, s, s + self.frames) for i, s in windows), strict=True)
         starts = torch.tensor([s for _, s in windows], dtype=torch.int64)
-        return {"video": torch.stack(videos)[:, None], "responses": torch.stack(responses),
-                "index": starts[:, None] + torch.arange(self.frames), "mouse": mouse.name,
-                "trial": torch.tensor([i for i, _ in windows], dtype=torch.int64)}
+        batch = {"stimulus": _stimulus_batch(mouse, torch.stack(stimuli)),
+                 "responses": torch.stack(responses), "index": starts[:, None] + torch.arange(self.frames),
+                 "mouse": mouse.name,
+                 "trial": torch.tensor([i for i, _ in windows], dtype=torch.int64)}
+        observed = [mouse.observed(i, s, s + self.frames) for i, s in windows]
+        if observed[0] is not None and not all(o.all() for o in observed):
+            batch["observed"] = torch.stack(observed)
+        return batch
+
+
+def _stimulus_batch(mouse, stimuli: torch.Tensor) -> torch.Tensor:
+    """Stacked normalised stimuli as the model takes them: videos (B, T, H, W) -> (B, 1, T, H, W) (one
+    channel); behaviour (B, T, D) as it is."""
+    return stimuli[:, None] if mouse.stimulus_kind == "video" else stimuli
 
 
 def make_train_loader(mice: list[Mouse], frames: int, batch_size: int, num_workers: int, seed: int,
@@ -118,7 +131,8 @@ def eval_windows(mouse: Mouse, i: int, frames: int) -> dict:
     """Trial i as consecutive non-overlapping `frames`-long windows from frame 0, plus, when the valid
     length T is not a multiple of `frames`, one last window aligned to the end (overlapping the one before).
 
-    Returns video (W, 1, frames, H, W_px) float32, responses (W, frames, N) float32, index (W, frames) int64,
+    Returns stimulus (W, 1, frames, H, W_px) video or (W, frames, D) behaviour float32, responses
+    (W, frames, N) float32, observed (W, frames, N) bool or None (see TrainWindows), index (W, frames) int64,
     keep (W, frames) bool: True where a frame appears for the first time, so each of the T valid frames is
     kept exactly once; trial, mouse, valid_frames (T) and covered (frames kept: T, or 0 when T < frames,
     in which case there are no windows)."""
@@ -126,9 +140,11 @@ def eval_windows(mouse: Mouse, i: int, frames: int) -> dict:
     starts = list(range(0, T - frames + 1, frames))
     if starts and starts[-1] + frames < T:
         starts.append(T - frames)
-    video, responses = mouse.normalised(i)
+    stimulus, responses = mouse.normalised(i)
+    observed = mouse.observed(i)
     index = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(frames)
     first_new = torch.tensor([0] + [s + frames for s in starts[:-1]], dtype=torch.int64)[:, None]
     keep = index >= first_new[:len(starts)]
-    return {"video": video[index][:, None], "responses": responses[index], "index": index, "keep": keep,
-            "trial": int(i), "mouse": mouse.name, "valid_frames": T, "covered": int(keep.sum())}
+    return {"stimulus": _stimulus_batch(mouse, stimulus[index]), "responses": responses[index],
+            "observed": None if observed is None or observed.all() else observed[index], "index": index,
+            "keep": keep, "trial": int(i), "mouse": mouse.name, "valid_frames": T, "covered": int(keep.sum())}
