@@ -176,11 +176,11 @@ def _monkey() -> Config:
     m.base_channel, m.ch_mult = 16, (1, 2)
     cfg.data.frames, cfg.data.batch_size, cfg.data.num_workers = 35, 16, 0
     cfg.data.synth_preset = "monkey"
-    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs, cfg.optim.min_lr = 1e-3, 50, 20, 1e-5
+    cfg.optim.lr, cfg.optim.warmup_iters, cfg.optim.epochs, cfg.optim.min_lr = 1e-3, 50, 10, 1e-5
     _learning_objective(cfg)
     m.readout_bias_init, m.latent_readout, cfg.optim.readout_lr_scale = "mean", True, 10.0
     m.unit_dropout = 0.3
-    cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 20, 10, 30
+    cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 20, 5, 10
     return cfg
 
 

@@ -2557,8 +2557,8 @@ def _label(layout, c):
 
 def test_nwb_synthetic_set_layouts_sidecar_and_same_bytes(monkeys, tmp_path):
     root, files, cfg, arrays = monkeys
-    assert cfg["train"] == ["C", "J"] and cfg["heldout"] == ["M"] and cfg["control"] == ["T"]
-    assert len(files) == 8 and arrays["latent"].shape[:2] == (8, synthetic_nwb.LATENT_K)
+    assert cfg["train"] == ["C", "J", "K", "L"] and cfg["heldout"] == ["M"] and cfg["control"] == ["T"]
+    assert len(files) == 12 and arrays["latent"].shape[:2] == (8, synthetic_nwb.LATENT_K)
     with h5py.File(cfg_file := files[0]) as f688, h5py.File(files[2]) as fmaze:   # C (000688), J (MC_Maze)
         assert "processing/behavior/Velocity/cursor_vel/data" in f688 and "move_onset_time" not in f688[
             "intervals/trials"]
@@ -3016,7 +3016,7 @@ def small_monkeys(tmp_path_factory):
 def test_nwb_session_is_an_animal_with_the_mouse_interface(small_monkeys):
     root, truth = small_monkeys
     animals = data.mice_from_config(config.preset("monkey").data, [root])
-    assert sorted(a.name for a in animals) == [f"{m}-session{s}" for m in "CJMT" for s in (1, 2)]
+    assert sorted(a.name for a in animals) == [f"{m}-session{s}" for m in "CJKLMT" for s in (1, 2)]
     for a in animals:
         s = a.session_data
         assert a.stimulus_kind == "behaviour" and a.n_neurons == s.spikes.shape[2]
@@ -3061,7 +3061,7 @@ def test_holdout_names_a_subject_and_takes_every_session(small_monkeys, tmp_path
     cfg.data.paths, cfg.data.holdout = (root,), ("M", "T-session2")
     train_set, heldout = train.resolve_data(cfg, rank=0)
     assert sorted(a.name for a in heldout) == ["M-session1", "M-session2", "T-session2"]
-    assert len(train_set) == 5
+    assert len(train_set) == 9
 
 
 def test_behaviour_branch_shapes_losses_and_encode():
