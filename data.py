@@ -47,7 +47,8 @@ __all__ = ["TRUTH_DIR", "DataError", "open_hdf5", "pairs", "repeats", "stimulus_
            "REPS_DATA_ARRAYS", "TrialRep", "read_representations", "write_representations", "TEST_TIERS",
            "Mouse", "find_mice", "open_mice", "response_precision", "SYNTH_PRESETS", "read_synthetic_truth",
            "write_synthetic", "check_run_data", "eval_windows", "make_train_loader",
-           "train_batches_per_epoch", "mice_from_config", "write_synthetic_dataset", "main"]
+           "train_batches_per_epoch", "mice_from_config", "check_stimulus", "write_synthetic_dataset",
+           "main"]
 
 
 def mice_from_config(data_cfg, paths=None) -> list:
@@ -106,6 +107,16 @@ def _print_report(mice: list[Mouse], report: dict) -> None:
         print(f"same video in {p['a']} and {p['b']}: {len(p['trials'])} trial pairs ({detail})")
     if not report["pairs"] and len(mice) > 1:
         print("no video is shared between these mice")
+
+
+def check_stimulus(animals: list, stimulus: str) -> None:
+    """DataError unless every animal's stimulus is the kind the model reads (config model.stimulus): a video
+    model given NWB sessions, or the reverse, would otherwise fail at its first step on a shape."""
+    for a in animals:
+        if a.stimulus_kind != stimulus:
+            hint = "--preset monkey" if a.stimulus_kind == "behaviour" else "a video preset (demo, paper)"
+            raise DataError(f"{a.path}: its stimulus is {a.stimulus_kind}, but the model reads {stimulus} "
+                            f"(model.stimulus); use {hint} or --model.stimulus {a.stimulus_kind}")
 
 
 def write_synthetic_dataset(root: str, preset: str, seed: int = 0) -> list[str]:

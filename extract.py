@@ -81,6 +81,7 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     if not paths:
         raise data.DataError(f"{ckpt_path}: the checkpoint names no data folders; pass --data")
     mice = data.mice_from_config(cfg.data)
+    data.check_stimulus(mice, cfg.model.stimulus)
     pnba.check_mice(ckpt, {m.name: m.n_neurons for m in mice}, source=ckpt_path)
     model = pnba.PNBA(cfg.model, ckpt["neuron_counts"])
     pnba.load_weights(model, ckpt, ckpt_path)
@@ -107,12 +108,12 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
         coords=m.coords_tensor(dev)) for m in mice if trials_of[m.name]}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
         arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
-        labels = {}
+        condition = ""
         if m.stimulus_kind == "behaviour":
-            arrays["behaviour"] = m.behaviour(i)
-            labels = dict(subject=m.subject, session=m.session, condition=m.condition(i))
-        reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1),
-                                  m.valid_frames(i), m.name not in ckpt["neuron_counts"], arrays, **labels))
+            arrays["behaviour"], condition = m.behaviour(i), m.condition(i)
+        heldout = m.name not in ckpt["neuron_counts"]
+        reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1), m.valid_frames(i),
+                                  heldout, arrays, m.subject, m.session, condition))
     rate = len(jobs) / (time.time() - t0)
     data.write_representations(out_path, reps, {
         "checkpoint": str(Path(ckpt_path).resolve()),

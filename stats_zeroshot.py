@@ -394,7 +394,7 @@ def nwb_spikes(animals: dict[str, list[TrialRep]], path: str, options: dict) -> 
         raise stats.StatsError(str(e)) from None
     out = {}
     for name, trials in animals.items():
-        if name not in monkeys or not hasattr(monkeys[name], "session_data"):
+        if name not in monkeys or monkeys[name].stimulus_kind != "behaviour":
             raise stats.StatsError(f"{path}: session {name} is not among the NWB sessions in "
                                    f"{', '.join(paths)}")
         m = monkeys[name]

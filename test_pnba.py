@@ -3141,3 +3141,12 @@ def test_synthetic_monkeys_share_identity_free_direction_information(tmp_path):
     assert pa < 1e-3 and pb < 1e-3 and np.corrcoef(ma, mb)[0, 1] > 0.5          # the same profile in both
     (_, va), (_, vb) = uniform.values()
     assert np.corrcoef(va, vb)[0, 1] < np.corrcoef(ma, mb)[0, 1] - 0.5
+
+
+def test_a_video_model_on_nwb_sessions_is_one_clear_error(small_monkeys, tmp_path, capsys):
+    root, truth = small_monkeys
+    out = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--data", root, "--holdout", "M,T", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--preset monkey" in err and ".nwb" in err
+    assert not out.exists()

@@ -104,13 +104,15 @@ def resolve_data(cfg, rank):
             truth = data.read_synthetic_truth(root)
             cfg.data.holdout = tuple(truth["heldout"]) + tuple(truth["control"])
     mice = data.mice_from_config(cfg.data)
+    data.check_stimulus(mice, cfg.model.stimulus)
     names = [m.name for m in mice]
     heldout = set()
     for h in cfg.data.holdout:
-        hits = ([n for n in names if n == h] or [m.name for m in mice if getattr(m, "subject", None) == h]
-                or [n for n in names if n.startswith(h)])
-        if len(hits) != 1 and not any(getattr(m, "subject", None) == h for m in mice):
-            raise TrainError(f"--holdout {h!r} matches {len(hits)} of the animals {', '.join(names)}")
+        hits = [m.name for m in mice if h in (m.name, m.subject)]
+        if not hits:
+            hits = [n for n in names if n.startswith(h)]
+            if len(hits) != 1:
+                raise TrainError(f"--holdout {h!r} matches {len(hits)} of the animals {', '.join(names)}")
         heldout.update(hits)
     train_mice = [m for m in mice if m.name not in heldout]
     if not train_mice:

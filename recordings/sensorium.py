@@ -119,6 +119,7 @@ class Mouse:
     def __init__(self, path: str, std_floor: float = 0.01, height: int = 32, width: int = 64):
         self.path = os.path.normpath(path)
         self.name = os.path.basename(self.path)
+        self.subject = self.session = self.name    # one recording of one mouse (NWB: one of several sessions)
         self.height, self.width = height, width
         tiers_file = self._file("meta/trials/tiers.npy")
         if not os.path.isfile(tiers_file):
