@@ -44,6 +44,15 @@ class ModelConfig:
     set_heads: int = 4                # "set": heads of the slot cross-attention
     set_token_dim: int = 64           # "set": width of a (neuron, frame) token
     use_coords: bool = False          # "set": add each neuron's normalised cortical coordinates
+    # "set": a learned embedding per unit of each training animal, added to its tokens (a new animal has
+    # none: it is encoded identity-free); identity_dropout hides a batch's embeddings, and independently
+    # its coordinates, with this probability in training, so that the identity-free path stays trained
+    unit_embedding: bool = False
+    identity_dropout: float = 0.0
+    # recorded behaviour that is not the stimulus (Sensorium: pupil dilation, running speed, pupil centre
+    # x, y, z-scored), fed to "readout" (each neuron's drive), "encoder" (the neural projector), "both"
+    state_input: str = "none"
+    state_dim: int = 4                # channels of that state
     # neural output stage: "resize" is the published one (bicubic resize of the neuron axis to N + convs);
     # "neuron" is a per-neuron factorised readout (order-consistent; pairs with "set", see pnba.py)
     neural_readout: str = "resize"
@@ -352,8 +361,10 @@ CHOICES = {
     "model.mean_norm": ("none", "batch"),
     "model.video_to_neural": ("nearest", "pool"),
     "model.stimulus": ("video", "behaviour"),
+    "model.state_input": ("none", "readout", "encoder", "both"),
     "model.kernels": ("auto", "triton", "torch"),
-    "data.synth_preset": ("tiny", "demo", "monkey"),  # data's synthetic presets (a test keeps them equal)
+    # data's synthetic presets (a test keeps them equal); demo2 and monkey2: the second family
+    "data.synth_preset": ("tiny", "demo", "demo2", "monkey", "monkey2"),
     "run.device": ("auto", "cpu", "cuda"),           # and cuda:<index>
 }
 _AT_LEAST_0, _AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
@@ -365,7 +376,8 @@ RANGES = {   # every number not listed here must be >= 0; tuples: every element
                      "data.batch_size", "data.height", "data.width", "optim.epochs", "optim.max_nonfinite",
                      "run.log_every", "model.behaviour_dim", "model.behaviour_channels"],
                     _AT_LEAST_1),
-    **dict.fromkeys(["model.proj_dropout", "model.dropout", "model.unit_dropout", "optim.betas",
+    **dict.fromkeys(["model.proj_dropout", "model.dropout", "model.unit_dropout", "model.identity_dropout",
+                     "optim.betas",
                      "optim.stable_fraction"],
                     _FRACTION),
     **dict.fromkeys(["model.match_scale_init", "optim.lr", "optim.readout_lr_scale", "data.bin_ms"],
@@ -423,6 +435,11 @@ def _model_rules(m: ModelConfig):
     rules = [
         (not m.latent_readout or m.neural_readout == "neuron",
          'model.latent_readout needs model.neural_readout "neuron"'),
+        (not m.unit_embedding or m.neural_projector == "set",
+         'model.unit_embedding needs model.neural_projector "set" (embeddings are added to unit tokens)'),
+        (m.state_input == "none" or m.stimulus == "video",
+         'model.state_input is for recordings whose behaviour is not the stimulus (model.stimulus "video")'),
+        (m.state_input == "none" or m.state_dim >= 1, "model.state_input needs model.state_dim >= 1"),
         (m.readout_bias_init == "zero" or m.neural_readout == "neuron",
          'model.readout_bias_init "mean" needs model.neural_readout "neuron" (the only per-neuron bias)'),
         (m.proj_neurons % shrink == 0,

@@ -41,12 +41,18 @@ from recordings.reps import (
 )
 from recordings.sensorium import TEST_TIERS, Mouse, find_mice, open_mice, response_precision
 from recordings.synthetic import SYNTH_PRESETS, read_synthetic_truth, write_synthetic
-from recordings.windows import check_run_data, eval_windows, make_train_loader, train_batches_per_epoch
+from recordings.windows import (
+    check_run_data,
+    check_state,
+    eval_windows,
+    make_train_loader,
+    train_batches_per_epoch,
+)
 
 __all__ = ["TRUTH_DIR", "DataError", "open_hdf5", "pairs", "repeats", "stimulus_groups", "REPS_ARRAYS",
            "REPS_DATA_ARRAYS", "TrialRep", "read_representations", "write_representations", "TEST_TIERS",
            "Mouse", "find_mice", "open_mice", "response_precision", "SYNTH_PRESETS", "read_synthetic_truth",
-           "write_synthetic", "check_run_data", "eval_windows", "make_train_loader",
+           "write_synthetic", "check_run_data", "check_state", "eval_windows", "make_train_loader",
            "train_batches_per_epoch", "mice_from_config", "check_stimulus", "write_synthetic_dataset",
            "main"]
 

@@ -55,7 +55,8 @@ def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None) ->
     x_stats: the animal's PNBA.neural_statistics."""
     w = data.eval_windows(mouse, trial, frames)
     g = model.encode(w["responses"].to(device), w["stimulus"].to(device), coords=mouse.coords_tensor(device),
-                     x_stats=x_stats)
+                     x_stats=x_stats, state=None if w["state"] is None else w["state"].to(device),
+                     animal=mouse.name)
     keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
     return {name: pnba.per_frame(getattr(g, name), keep) for name in data.REPS_ARRAYS
             if getattr(g, name) is not None}
@@ -82,6 +83,7 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
         raise data.DataError(f"{ckpt_path}: the checkpoint names no data folders; pass --data")
     mice = data.mice_from_config(cfg.data)
     data.check_stimulus(mice, cfg.model.stimulus)
+    data.check_state(mice, cfg.model.state_input)
     pnba.check_mice(ckpt, {m.name: m.n_neurons for m in mice}, source=ckpt_path)
     model = pnba.PNBA(cfg.model, ckpt["neuron_counts"])
     pnba.load_weights(model, ckpt, ckpt_path)
@@ -103,9 +105,14 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     t0 = time.time()
     # mean_norm "batch": each animal's neural means are standardised with its own statistics (pnba)
     trials_of = {m.name: [i for a, i in jobs if a is m] for m in mice}
-    x_stats = {m.name: model.neural_statistics(
-        (data.eval_windows(m, i, cfg.data.frames)["responses"].to(dev) for i in trials_of[m.name]),
-        coords=m.coords_tensor(dev)) for m in mice if trials_of[m.name]}
+    def windows(m, key):
+        for i in trials_of[m.name]:
+            x = data.eval_windows(m, i, cfg.data.frames)[key]
+            yield None if x is None else x.to(dev)
+
+    x_stats = {m.name: model.neural_statistics(windows(m, "responses"), coords=m.coords_tensor(dev),
+                                               states=windows(m, "state"), animal=m.name)
+               for m in mice if trials_of[m.name]}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
         arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
         condition = ""

@@ -52,6 +52,7 @@ Weights of the published model (github zhuyu-cs/PNBA) load with `convert_referen
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import NamedTuple
@@ -68,7 +69,7 @@ from kernels import fuse_sample_kl, match_loss, poe
 POISSON_EPS = 1e-8  # as published: keeps log(rate) finite where ELU + 1 underflows to 0
 # parameters that belong to one animal (the "neuron" readout): they see a gradient only on its steps
 PER_ANIMAL_PARAMETERS = ("neural_readout.spatial.", "neural_readout.weight.", "neural_readout.bias.",
-                         "neural_readout.latent.")
+                         "neural_readout.latent.", "neural_readout.state.", "unit_embedding.")
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -292,6 +293,10 @@ class NeuralProjector(nn.Module):
             self.key_value = nn.Linear(d, 2 * d)
             self.slots = nn.Parameter(torch.randn(S, d))
             self.slot_out = nn.Linear(d, C)
+        if cfg.state_input in ("encoder", "both"):
+            # the recorded behavioural state of each frame, added to every slot: what the encoder needs to
+            # tell a response change the state explains from one the stimulus does
+            self.state_embed = nn.Linear(cfg.state_dim, C)
         self.norm1 = group_norm(C)
         self.resblock1 = ResBlock(C, C, cfg.proj_dropout)
         self.atten = SelfAttention(C)
@@ -301,13 +306,15 @@ class NeuralProjector(nn.Module):
     def _expand_and_pool(self, x):
         return F.adaptive_max_pool2d(self.neuron_expand(x), (self.slots_n, x.shape[-1]))
 
-    def _slots_from_neurons(self, responses, coords):
+    def _slots_from_neurons(self, responses, coords, identity):
         B, T, N = responses.shape
         tokens = self.token_conv(responses.transpose(1, 2).reshape(B * N, 1, T))     # (B*N, d, T)
         tokens = self.token_mlp(F.gelu(tokens.view(B, N, -1, T).permute(0, 3, 1, 2)))  # (B, T, N, d)
         if coords is not None and hasattr(self, "coord_embed"):
             position = self.coord_embed(normalise_coords(coords.to(tokens.dtype)))   # (N, d) or (B, N, d)
             tokens = tokens + (position.unsqueeze(1) if position.dim() == 3 else position)
+        if identity is not None:
+            tokens = tokens + identity.to(tokens.dtype)                              # (N, d): unit i's own
         d = tokens.shape[-1]
         key, value = self.key_value(self.token_norm(tokens)).chunk(2, dim=-1)
         key, value = (t.reshape(B * T, N, self.heads, d // self.heads).transpose(1, 2) for t in (key, value))
@@ -316,13 +323,17 @@ class NeuralProjector(nn.Module):
         slots = slots.transpose(1, 2).reshape(B, T, self.slots_n, d)
         return self.slot_out(slots).permute(0, 3, 2, 1)                                 # (B, C, S, T)
 
-    def forward(self, responses, coords=None):
+    def forward(self, responses, coords=None, identity=None, state=None):
+        """responses (B, T, N); coords (N, 3) or (B, N, 3); identity (N, set_token_dim), the units' learned
+        embeddings (training animals); state (B, T, state_dim), the recorded behavioural state."""
         if self.kind == "conv":
             # always recomputed in backward: the 1-channel conv is nearly free, and it spares storing the
             # (B, C, N, T) map that max-pool's backward would keep
             x = maybe_checkpoint(True, self._expand_and_pool, responses.transpose(1, 2).unsqueeze(1))
         else:
-            x = self._slots_from_neurons(responses, coords)
+            x = self._slots_from_neurons(responses, coords, identity)
+        if state is not None and hasattr(self, "state_embed"):
+            x = x + self.state_embed(state.to(x.dtype)).transpose(1, 2).unsqueeze(2)     # (B, C, 1, T)
         x = F.leaky_relu(self.norm1(x))
         x = self.resblock2(self.atten(self.resblock1(x)))
         return F.leaky_relu(self.norm_out(x))
@@ -407,13 +418,25 @@ class NeuralDecoder(nn.Module):
         return maybe_checkpoint(self.checkpointing, self._last_stage, h)
 
 
+def state_weights(cfg: ModelConfig, neuron_counts: dict[str, int]) -> nn.ParameterDict:
+    """Per animal, a (state_dim, N) weight of the recorded behavioural state (B, T, state_dim) in each
+    neuron's drive before the output nonlinearity, zero at the start. Near ELU + 1's floor the rate is about
+    exp(drive), so the state acts as a gain, as running and arousal do in V1; the Sensorium 2023 models feed
+    behaviour to their readouts in the same spirit. Then no latent has to carry the state."""
+    return nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.state_dim, n))
+                             for m, n in neuron_counts.items()})
+
+
 class ResizeReadout(nn.Module):
     """Published output stage: (B, C, S, T) -> rate (B, T, N). Bicubic resize of the neuron axis S -> N,
     two ResBlocks, conv, GN-LeakyReLU-conv to C/2, GN-LeakyReLU-1x1 conv to one channel, ELU + 1.
-    Per animal only through N (no per-animal parameters)."""
+    Per animal only through N (no per-animal parameters), unless the state feeds the readout
+    (state_input), whose per-neuron weights are per animal."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, neuron_counts: dict[str, int]):
         super().__init__()
+        if cfg.state_input in ("readout", "both"):
+            self.state = state_weights(cfg, neuron_counts)
         C = cfg.proj_channels
         self.checkpointing = cfg.checkpointing
         self.resblock1 = ResBlock(C, C, cfg.proj_dropout)
@@ -428,14 +451,16 @@ class ResizeReadout(nn.Module):
         h = F.interpolate(h, size=(neurons, h.shape[-1]), mode="bicubic")
         h = self.process1(self.resblock2(self.resblock1(h)))
         h = norm_act_conv(h, self.norm1, self.process2, act="leaky_relu")
-        h = norm_act_conv(h, self.norm2, self.out, act="leaky_relu")
-        return (F.elu(h) + 1).squeeze(1).transpose(1, 2)
+        return norm_act_conv(h, self.norm2, self.out, act="leaky_relu").squeeze(1).transpose(1, 2)
 
-    def forward(self, h, mouse, neurons):
+    def forward(self, h, mouse, neurons, state=None):
         # one sample at a time: backward's transient full-resolution gradients are then one sample's, and
         # with checkpointing only one sample's activations are ever rebuilt at once
-        return torch.cat([maybe_checkpoint(self.checkpointing, self._one_sample, h[i:i + 1], neurons)
-                          for i in range(len(h))])
+        drive = torch.cat([maybe_checkpoint(self.checkpointing, self._one_sample, h[i:i + 1], neurons)
+                           for i in range(len(h))])
+        if state is not None and hasattr(self, "state"):
+            drive = drive + state.to(drive.dtype) @ self.state[mouse]
+        return F.elu(drive) + 1
 
 
 class NeuronReadout(nn.Module):
@@ -462,6 +487,8 @@ class NeuronReadout(nn.Module):
             latent = cfg.z_channels * (cfg.proj_neurons // 4 ** (len(cfg.ch_mult) - 1))
             self.latent = nn.ParameterDict({m: nn.Parameter(torch.zeros(latent, n))
                                             for m, n in neuron_counts.items()})
+        if cfg.state_input in ("readout", "both"):
+            self.state = state_weights(cfg, neuron_counts)
 
     @torch.no_grad()
     def init_bias(self, mouse, mean_rate):
@@ -471,12 +498,14 @@ class NeuronReadout(nn.Module):
         rate = torch.as_tensor(mean_rate, dtype=torch.float32).clamp_min(1e-3)
         self.bias[mouse].copy_(torch.where(rate >= 1, rate - 1, rate.log()))
 
-    def forward(self, h, mouse, neurons, z=None):
+    def forward(self, h, mouse, neurons, z=None, state=None):
         g = self.features(F.leaky_relu(self.norm(h)))                    # (B, r, S, T)
         per_neuron = g.transpose(2, 3) @ self.spatial[mouse].t()          # (B, r, T, N)
         drive = torch.einsum("brtn,nr->btn", per_neuron, self.weight[mouse]) + self.bias[mouse]
         if z is not None and hasattr(self, "latent"):
             drive = drive + z.permute(0, 3, 1, 2).flatten(2) @ self.latent[mouse]   # (B, T, C*n) @ (C*n, N)
+        if state is not None and hasattr(self, "state"):
+            drive = drive + state.to(drive.dtype) @ self.state[mouse]               # (B, T, S) @ (S, N)
         return F.elu(drive) + 1
 
 
@@ -691,6 +720,11 @@ class PNBA(nn.Module):
         self.latent_neurons = cfg.proj_neurons // 4 ** (len(cfg.ch_mult) - 1)
         z, dropout = cfg.z_channels, cfg.dropout
         self.neural_projector = NeuralProjector(cfg)
+        if cfg.unit_embedding:
+            # what is known about each unit of a training animal beyond its activity, learned; a new animal
+            # has none and is encoded by the identity-free path that identity_dropout keeps trained
+            self.unit_embedding = nn.ParameterDict({m: nn.Parameter(torch.zeros(n, cfg.set_token_dim))
+                                                    for m, n in self.neuron_counts.items()})
         self.neural_encoder = NeuralEncoder(cfg)
         if cfg.stimulus == "video":
             self.video_encoder = VideoEncoder(cfg)
@@ -706,7 +740,7 @@ class PNBA(nn.Module):
             self.mu_x_norm = nn.LazyBatchNorm1d(affine=False)
             self.mu_y_norm = nn.LazyBatchNorm1d(affine=False)
         self.neural_decoder = NeuralDecoder(cfg)
-        self.neural_readout = (ResizeReadout(cfg) if cfg.neural_readout == "resize"
+        self.neural_readout = (ResizeReadout(cfg, self.neuron_counts) if cfg.neural_readout == "resize"
                                else NeuronReadout(cfg, self.neuron_counts))
         if cfg.stimulus == "video":
             self.video_decoder = VideoDecoder(cfg)
@@ -758,15 +792,24 @@ class PNBA(nn.Module):
             return (mu - mean) * torch.rsqrt(var + getattr(self, norm).eps)
         return getattr(self, norm)(mu.flatten(1)).view_as(mu)
 
-    def _neural_head(self, responses, coords):
+    def identity(self, animal):
+        """The unit embeddings (N, set_token_dim) of a training animal; None for an animal the model was not
+        trained on, or without unit_embedding: the identity-free path."""
+        if animal is None or not hasattr(self, "unit_embedding") or animal not in self.unit_embedding:
+            return None
+        return self.unit_embedding[animal]
+
+    def _neural_head(self, responses, coords, identity=None, state=None):
         h = self.neural_encoder(maybe_checkpoint(self.cfg.checkpointing, self.neural_projector,
-                                                 responses, coords))
+                                                 responses, coords, identity, state))
         return self.mu_x_head(h), self.logvar_x_head(h)
 
     @torch.no_grad()
-    def neural_statistics(self, windows, coords=None):
-        """Mean and variance over all `windows` (an iterable of (W, T, N) responses of one animal) of the
-        neural mean before mean_norm "batch": (mean, var), each (C, n, T); None without mean_norm.
+    def neural_statistics(self, windows, coords=None, states=None, animal=None):
+        """Mean and variance over all `windows` (an iterable of (W, T, N) responses of one animal; states: the
+        matching (W, T, state_dim) states, if the model reads them) of the neural mean before mean_norm
+        "batch": (mean, var), each (C, n, T); None without mean_norm. animal: a training animal's name, so
+        that its unit embeddings are used as in encode().
 
         In training every batch holds one animal, so BatchNorm standardises mu_x with that animal's own
         statistics; its running statistics average over animals, and an animal's offset from that average
@@ -779,9 +822,11 @@ class PNBA(nn.Module):
         self.train(False)
         total = total_sq = None
         count = 0
+        identity = self.identity(animal)
         try:
-            for responses in windows:
-                mu = self._neural_head(responses, coords)[0].double()
+            states = itertools.repeat(None) if states is None else states
+            for responses, state in zip(windows, states, strict=False):
+                mu = self._neural_head(responses, coords, identity, state)[0].double()
                 total = mu.sum(0) if total is None else total + mu.sum(0)
                 total_sq = mu.pow(2).sum(0) if total_sq is None else total_sq + mu.pow(2).sum(0)
                 count += len(mu)
@@ -798,31 +843,35 @@ class PNBA(nn.Module):
             return self._video_to_neural(self.video_encoder(stimulus))
         return self.behaviour_encoder(stimulus)
 
-    def _encode_modalities(self, responses, stimulus, coords, x_stats=None):
+    def _encode_modalities(self, responses, stimulus, coords, x_stats=None, identity=None, state=None):
         mu_x = logvar_x = mu_y = logvar_y = None
         if responses is not None:
-            mu_x, logvar_x = self._neural_head(responses, coords)
+            mu_x, logvar_x = self._neural_head(responses, coords, identity, state)
             mu_x = self._normalised_mean(mu_x, "mu_x_norm", x_stats)
         if stimulus is not None:
             v = self._stimulus_features(stimulus)
             mu_y, logvar_y = self._normalised_mean(self.mu_y_head(v), "mu_y_norm"), self.logvar_y_head(v)
         return mu_x, logvar_x, mu_y, logvar_y
 
-    def encode(self, responses=None, stimulus=None, coords=None, x_stats=None) -> Gaussians:
+    def encode(self, responses=None, stimulus=None, coords=None, x_stats=None, state=None,
+               animal=None) -> Gaussians:
         """Distribution parameters, no sampling and no dropout (deterministic in train and eval mode).
 
         responses (B, T, N) with any N (a new animal needs no retraining), stimulus: video (B, 1, T, H, W)
         or behaviour (B, T, D) as the config's `stimulus` says, coords (N, 3) or (B, N, 3) cortical
         positions (used by the "set" projector with use_coords). Either modality may be None. x_stats: the
         animal's neural_statistics, for mean_norm "batch" (without them the running statistics are used,
-        which do not fit any one animal exactly).
+        which do not fit any one animal exactly). state (B, T, state_dim): the recorded behavioural state
+        (state_input "encoder" or "both"). animal: the name of a training animal, whose unit embeddings
+        are then used (unit_embedding); any other animal is encoded identity-free (zero-shot).
         """
         if responses is None and stimulus is None:
             raise ValueError("encode needs responses, a stimulus or both")
         was_training = self.training
         self.train(False)
         try:
-            mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(responses, stimulus, coords, x_stats)
+            mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(responses, stimulus, coords, x_stats,
+                                                                     self.identity(animal), state)
         finally:
             self.train(was_training)
         if mu_x is None:
@@ -841,11 +890,12 @@ class PNBA(nn.Module):
                              f"known: {', '.join(self.neuron_counts)}")
         return self.neuron_counts[mouse]
 
-    def decode_responses(self, z, mouse):
-        """Latent (B, C, n, T) -> Poisson rate (B, T, N) of animal `mouse`."""
+    def decode_responses(self, z, mouse, state=None):
+        """Latent (B, C, n, T) -> Poisson rate (B, T, N) of animal `mouse`; state (B, T, state_dim): its
+        recorded behavioural state, read by the readout with state_input "readout" or "both"."""
         if self.cfg.neural_readout == "resize":
-            return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse))
-        return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse), z)
+            return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse), state)
+        return self.neural_readout(self.neural_decoder(z), mouse, self.neurons_of(mouse), z, state)
 
     def decode_stimulus(self, z, shape):
         """Latent (B, C, n, T) -> video (B, 1, T, H, W) with (H, W) = shape[-2:], or behaviour (B, T, D)."""
@@ -856,31 +906,43 @@ class PNBA(nn.Module):
 
     # -- training --------------------------------------------------------------------------------------
 
-    def _unit_dropout(self, responses, coords):
-        """In training with unit_dropout p: the neural encoder sees a random subset of the animal's neurons
-        (each left out with probability p, the same for the whole batch, at least 3 kept); the decoders and
-        losses still see them all. An encoder that cannot count on any one neuron has to read population
-        statistics, which is all it has for an animal it never saw (README, Monkeys)."""
+    def _what_the_encoder_sees(self, responses, coords, identity):
+        """In training: with unit_dropout p the neural encoder sees a random subset of the animal's neurons
+        (each left out with probability p, the same for the whole batch, at least 3 kept; the decoders and
+        losses still see them all): an encoder that cannot count on any one neuron has to read population
+        statistics, which is all it has for an animal it never saw (README, Monkeys). With identity_dropout
+        q the batch's unit embeddings are hidden with probability q, and so, independently, are its
+        coordinates: the identity-free path, a new animal's, stays trained."""
+        if not self.training:
+            return responses, coords, identity
+        q = self.cfg.identity_dropout
+        if q > 0 and identity is not None and torch.rand(()) < q:
+            identity = None
+        if q > 0 and coords is not None and self.cfg.use_coords and torch.rand(()) < q:
+            coords = None
         p = self.cfg.unit_dropout
-        if not self.training or p == 0:
-            return responses, coords
+        if p == 0:
+            return responses, coords, identity
         N = responses.shape[-1]
         keep = torch.rand(N, device=responses.device) >= p
         if keep.sum() < 3:
             keep[torch.randperm(N, device=responses.device)[:3]] = True
-        return responses[..., keep], (None if coords is None else coords[..., keep, :])
+        return (responses[..., keep], None if coords is None else coords[..., keep, :],
+                None if identity is None else identity[keep])
 
     def forward(self, responses, stimulus, mouse, coords=None, align_scale: float = 1.0,
-                observed=None) -> Output:
+                observed=None, state=None) -> Output:
         """responses (B, T, N) of animal `mouse`, stimulus: video (B, 1, T, H, W) or behaviour (B, T, D) ->
         Output (losses, reconstructions, Gaussians). observed (B, T, N) bool, optional: the Poisson terms
-        count only those elements (NWB units not recorded over a bin). Training mode draws reparameterised
-        samples; eval mode uses the means (deterministic)."""
+        count only those elements (NWB units not recorded over a bin). state (B, T, state_dim): the recorded
+        behavioural state (config state_input). Training mode draws reparameterised samples; eval mode uses
+        the means (deterministic)."""
         neurons = self.neurons_of(mouse)
         if responses.shape[-1] != neurons:
             raise ValueError(f"responses have {responses.shape[-1]} neurons; mouse {mouse!r} has {neurons}")
-        seen, seen_coords = self._unit_dropout(responses, coords)
-        mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(seen, stimulus, seen_coords)
+        seen, seen_coords, identity = self._what_the_encoder_sees(responses, coords, self.identity(mouse))
+        mu_x, logvar_x, mu_y, logvar_y = self._encode_modalities(seen, stimulus, seen_coords, None, identity,
+                                                                 state)
         B, latent_shape = mu_x.shape[0], mu_x.shape
         flat = [t.reshape(B, -1) for t in (mu_x, logvar_x, mu_y, logvar_y)]
         backend = self.cfg.kernels
@@ -889,8 +951,9 @@ class PNBA(nn.Module):
         mu_p, logvar_p, z_p, z_x, z_y, kl_px, kl_py, kl_sym = fuse_sample_kl(*flat, *noise, backend=backend)
 
         # fused and cross-modal decodes as one batch of 2B each
-        rate, rate_cross = self.decode_responses(torch.cat([z_p, z_y]).view(2 * B, *latent_shape[1:]),
-                                                 mouse).chunk(2)
+        state2 = None if state is None else torch.cat([state, state])
+        rate, rate_cross = self.decode_responses(torch.cat([z_p, z_y]).view(2 * B, *latent_shape[1:]), mouse,
+                                                 state2).chunk(2)
         stimulus_rec, stimulus_cross = self.decode_stimulus(
             torch.cat([z_p, z_x]).view(2 * B, *latent_shape[1:]), stimulus.shape).chunk(2)
 

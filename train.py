@@ -321,20 +321,27 @@ def prepare_validation(train_mice, heldout_mice) -> ValidationSet:
 VAL_CHUNK = 64           # windows per forward pass in validation
 
 
-def _in_chunks(fn, x: torch.Tensor, *args) -> torch.Tensor:
-    """fn(chunk, *args) over x (W, ...) in chunks of VAL_CHUNK windows, concatenated: eval-mode outputs do not
-    depend on which windows share a batch, and batched passes are many times faster than one window at a
-    time."""
-    return torch.cat([fn(x[k:k + VAL_CHUNK], *args) for k in range(0, len(x), VAL_CHUNK)])
+def _in_chunks(fn, x: torch.Tensor, state: torch.Tensor | None, mouse: str) -> torch.Tensor:
+    """fn(chunk, mouse, state chunk) over x (W, ...) and state (W, ...) or None in chunks of VAL_CHUNK
+    windows, concatenated: eval-mode outputs do not depend on which windows share a batch, and batched passes
+    are many times faster than one window at a time."""
+    return torch.cat([fn(x[k:k + VAL_CHUNK], mouse, None if state is None else state[k:k + VAL_CHUNK])
+                      for k in range(0, len(x), VAL_CHUNK)])
 
 
-def _encode_trials(model, modality: str, inputs: list[torch.Tensor], **kwargs) -> list[pnba.Gaussians]:
+def _stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if not tensors or tensors[0] is None else torch.cat(tensors)
+
+
+def _encode_trials(model, modality: str, inputs: list[torch.Tensor], states=None, **kwargs) -> list:
     """model.encode(**{modality: windows}, **kwargs) over every trial's windows at once, in chunks; one
-    Gaussians per trial (modality "responses" or "stimulus")."""
+    Gaussians per trial (modality "responses" or "stimulus"). states: per trial the windows' behavioural
+    states (W, T, state_dim), or None."""
     if not inputs:
         return []
-    stacked = torch.cat(inputs)
-    parts = [model.encode(**{modality: stacked[k:k + VAL_CHUNK]}, **kwargs)
+    stacked, state = torch.cat(inputs), _stack(states or [None])
+    parts = [model.encode(**{modality: stacked[k:k + VAL_CHUNK]}, **kwargs,
+                          state=None if state is None else state[k:k + VAL_CHUNK])
              for k in range(0, len(stacked), VAL_CHUNK)]
     sizes = [len(x) for x in inputs]
     fields = [torch.cat(f).split(sizes) if f[0] is not None else [None] * len(sizes)
@@ -375,9 +382,14 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
         reps[m.name], predictions, fused, targets = [], [], [], []
         windows = {i: data.eval_windows(m, i, frames) for i in vset.trials[m.name]}   # read once
         responses = {i: w["responses"].to(device) for i, w in windows.items()}
-        x_stats = model.neural_statistics(torch.cat(list(responses.values())).split(VAL_CHUNK), coords=coords)
-        gx_of = dict(zip(windows, _encode_trials(model, "responses", list(responses.values()), coords=coords,
-                                                 x_stats=x_stats), strict=True))
+        states = {i: None if w["state"] is None else w["state"].to(device) for i, w in windows.items()}
+        all_states = _stack(list(states.values()))
+        x_stats = model.neural_statistics(torch.cat(list(responses.values())).split(VAL_CHUNK), coords=coords,
+                                          states=None if all_states is None else all_states.split(VAL_CHUNK),
+                                          animal=m.name)
+        gx_of = dict(zip(windows, _encode_trials(model, "responses", list(responses.values()),
+                                                 list(states.values()), coords=coords, x_stats=x_stats,
+                                                 animal=m.name), strict=True))
         key_of = {i: vset.stimulus[(m.name, i)] if m.stimulus_kind == "video" else (m.name, i)
                   for i in windows}
         new = {key_of[i]: i for i in windows if key_of[i] not in stimulus_cache}
@@ -399,8 +411,9 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
             mu_p = [kernels.poe(*(t.flatten(1) for t in (gx_of[i].mu_x, gx_of[i].logvar_x, gy.mu_y,
                                                          gy.logvar_y)))[0].view_as(gy.mu_y)
                     for i, gy in zip(scored, gys, strict=True)]
+            scored_state = _stack([states[i] for i in scored])
             for latents, out in ((mu_y, predictions), (mu_p, fused)):
-                rates = _in_chunks(model.decode_responses, torch.cat(latents), m.name)
+                rates = _in_chunks(model.decode_responses, torch.cat(latents), scored_state, m.name)
                 out += [r.flatten(0, 1)[windows[i]["keep"].reshape(-1)].float().cpu()
                         for i, r in zip(scored, rates.split([len(z) for z in latents]), strict=True)]
             targets = [windows[i]["responses"].flatten(0, 1)[windows[i]["keep"].reshape(-1)] for i in scored]
@@ -544,7 +557,7 @@ def train(argv=None):
         out_dir = plan_run_dir(args, rank, world)
         device = config.pick_device(cfg.run.device, ddp_device)
         train_mice, heldout_mice = resolve_data(cfg, rank)
-        data.check_run_data(train_mice, heldout_mice, cfg.data.frames)
+        data.check_run_data(train_mice, heldout_mice, cfg.data.frames, cfg.model.state_input)
         if ckpt is not None:
             pnba.check_mice(ckpt, {m.name: m.n_neurons for m in train_mice + heldout_mice},
                             source=args.resume)
@@ -592,7 +605,7 @@ def train(argv=None):
                 with amp:
                     out = model(batch["responses"], batch["stimulus"], batch["mouse"],
                                 coords=mouse.coords_tensor(device), align_scale=align_scale(cfg, step),
-                                observed=batch.get("observed"))
+                                observed=batch.get("observed"), state=batch.get("state"))
                 loss = out.losses.total
                 finite = torch.isfinite(loss.detach()).float()
                 if world > 1:  # every rank must skip together, or DDP hangs in backward

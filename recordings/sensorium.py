@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from recordings.common import DataError
 
 DATA_KEYS = ("videos", "responses", "behavior", "pupil_center")
+# the recorded behavioural state: behavior (pupil dilation, running speed), pupil_center (eye x, y)
+STATE_KEYS = ("behavior", "pupil_center")
+STATE_CHANNELS = 4
 
 
 TEST_TIERS = ("live_test_main", "final_test_main", "live_test_bonus", "final_test_bonus")
@@ -159,6 +162,9 @@ class Mouse:
             if self.coords.shape != (self.n_neurons, 3):
                 raise DataError(f"{coords_file}: shape {self.coords.shape}, expected ({self.n_neurons}, 3)")
 
+        self._state_mean, self._state_std = self._state_statistics()
+        self.state_dim = STATE_CHANNELS if self._state_mean is not None else 0
+
         for key in ("videos", "responses"):
             folder = self._file(f"data/{key}")
             if not os.path.isdir(folder):
@@ -184,6 +190,43 @@ class Mouse:
         self._hidden: dict[int, bool] = {}
 
     stimulus_kind = "video"
+
+    def _state_statistics(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Mean and std (4,) of the state channels from meta/statistics/<key>/all (per-frame statistics are
+        averaged over frames); (None, None) when a folder lacks the behaviour data or its statistics."""
+        means, stds = [], []
+        for key in STATE_KEYS:
+            folder = self._file(f"meta/statistics/{key}/all")
+            if not os.path.isdir(self._file(f"data/{key}")) or not os.path.isdir(folder):
+                return None, None
+            for name, out in (("mean", means), ("std", stds)):
+                path = os.path.join(folder, f"{name}.npy")
+                a = np.asarray(_load(path, mmap=False), dtype=np.float64)
+                if a.ndim not in (1, 2) or len(a) != 2:
+                    raise DataError(f"{path}: shape {a.shape}, expected (2,) or (2, frames)")
+                out.append(np.nanmean(a.reshape(2, -1), axis=1))
+        mean, std = np.concatenate(means), np.concatenate(stds)
+        if not np.all(np.isfinite(mean)) or not np.all(np.isfinite(std)):
+            raise DataError(f"{self._file('meta/statistics')}: behavior/pupil_center statistics not finite")
+        # a channel that never varies (std 0) is centred, not blown up
+        return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+    def state(self, i: int, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """Frames [start, stop) of trial i's recorded behavioural state (T, 4) float32: pupil dilation,
+        running speed, eye x, eye y, each z-scored with the folder's statistics; None when the folder has
+        no behaviour data. A NaN inside the valid frames is a DataError naming the file."""
+        if not self.state_dim:
+            return None
+        T = self.valid_frames(i)
+        stop = T if stop is None else stop
+        channels = []
+        for key in STATE_KEYS:
+            if self._array(key, i).shape[0] != 2:
+                raise DataError(f"{self._file(f'data/{key}/{int(i)}.npy')}: shape "
+                                f"{self._array(key, i).shape}, expected (2, frames)")
+            channels.append(self._finite(key, i, start, stop))
+        state = (np.concatenate(channels).T - self._state_mean) / self._state_std
+        return torch.from_numpy(np.ascontiguousarray(state, dtype=np.float32))
 
     @property
     def tiers_source(self) -> str:

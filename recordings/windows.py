@@ -18,11 +18,26 @@ from recordings.common import DataError
 from recordings.sensorium import Mouse  # or recordings.nwb.Monkey: the same interface
 
 
-def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: int) -> None:
+def check_state(animals: list[Mouse], state_input: str) -> None:
+    """DataError unless every animal has the recorded behavioural state the model reads (config
+    model.state_input; Mouse.state_dim > 0)."""
+    if state_input == "none":
+        return
+    for m in animals:
+        if not getattr(m, "state_dim", 0):
+            raise DataError(f"{m.path}: no recorded behavioural state (data/behavior, data/pupil_center and "
+                            f"their meta/statistics), but the model reads one (model.state_input "
+                            f"{state_input}); train with --model.state_input none")
+
+
+def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: int,
+                   state_input: str = "none") -> None:
     """What a training run reads, checked when it starts, before it writes anything (a fault found at step
     6 would leave half a run): every training animal has train-tier trials with responses (otherwise its
     untrained readout would be scored as a trained one), and every train and oracle trial of every animal
-    reads with no NaN inside its valid window (all neurons, all pixels); train trials hold a window."""
+    reads with no NaN inside its valid window (all neurons, all pixels, and the behavioural state if the
+    model reads it); train trials hold a window."""
+    check_state(train_mice + heldout_mice, state_input)
     for m in train_mice:
         if not len(m.trials(["train"], hidden=False)):
             raise DataError(f"{m.tiers_source}: no train-tier trials with responses, so "
@@ -33,6 +48,8 @@ def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: i
             if T < frames and m in train_mice and m.tiers[i] == "train":
                 raise DataError(f"{m.source(i)}: {T} valid frames, fewer than the "
                                 f"{frames}-frame training window (--data.frames)")
+            if state_input != "none":
+                m.state(int(i))
 
 
 def _train_trials(mouse: Mouse) -> np.ndarray:
@@ -84,8 +101,9 @@ class TrainWindows(torch.utils.data.Dataset):
 
     Batch: stimulus = video (B, 1, frames, H, W) or behaviour (B, frames, D) float32, responses (B, frames, N)
     float32, index (B, frames) int64 absolute frame numbers, trial (B,) int64, mouse str (one animal per
-    batch: neuron counts differ), and observed (B, frames, N) bool when some units were not recorded
-    throughout (NWB)."""
+    batch: neuron counts differ), observed (B, frames, N) bool when some units were not recorded
+    throughout (NWB), and state (B, frames, state_dim) float32 when the animal has a recorded behavioural
+    state (Sensorium: Mouse.state)."""
 
     def __init__(self, mice: list[Mouse], frames: int):
         self.mice, self.frames = mice, frames
@@ -102,6 +120,8 @@ class TrainWindows(torch.utils.data.Dataset):
         observed = [mouse.observed(i, s, s + self.frames) for i, s in windows]
         if observed[0] is not None and not all(o.all() for o in observed):
             batch["observed"] = torch.stack(observed)
+        if getattr(mouse, "state_dim", 0):
+            batch["state"] = torch.stack([mouse.state(i, s, s + self.frames) for i, s in windows])
         return batch
 
 
@@ -132,7 +152,8 @@ def eval_windows(mouse: Mouse, i: int, frames: int) -> dict:
     length T is not a multiple of `frames`, one last window aligned to the end (overlapping the one before).
 
     Returns stimulus (W, 1, frames, H, W_px) video or (W, frames, D) behaviour float32, responses
-    (W, frames, N) float32, observed (W, frames, N) bool or None (see TrainWindows), index (W, frames) int64,
+    (W, frames, N) float32, observed (W, frames, N) bool or None (see TrainWindows), state
+    (W, frames, state_dim) float32 or None (the recorded behavioural state), index (W, frames) int64,
     keep (W, frames) bool: True where a frame appears for the first time, so each of the T valid frames is
     kept exactly once; trial, mouse, valid_frames (T) and covered (frames kept: T, or 0 when T < frames,
     in which case there are no windows)."""
@@ -142,9 +163,11 @@ def eval_windows(mouse: Mouse, i: int, frames: int) -> dict:
         starts.append(T - frames)
     stimulus, responses = mouse.normalised(i)
     observed = mouse.observed(i)
+    state = mouse.state(i) if getattr(mouse, "state_dim", 0) else None
     index = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(frames)
     first_new = torch.tensor([0] + [s + frames for s in starts[:-1]], dtype=torch.int64)[:, None]
     keep = index >= first_new[:len(starts)]
     return {"stimulus": _stimulus_batch(mouse, stimulus[index]), "responses": responses[index],
-            "observed": None if observed is None or observed.all() else observed[index], "index": index,
+            "observed": None if observed is None or observed.all() else observed[index],
+            "state": None if state is None else state[index], "index": index,
             "keep": keep, "trial": int(i), "mouse": mouse.name, "valid_frames": T, "covered": int(keep.sum())}
