@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import inspect
 import json
 import math
 import os
@@ -45,14 +46,15 @@ class ModelConfig:
     set_token_dim: int = 64           # "set": width of a (neuron, frame) token
     use_coords: bool = False          # "set": add each neuron's normalised cortical coordinates
     # "set": a learned embedding per unit of each training animal, added to its tokens (a new animal has
-    # none: it is encoded identity-free); identity_dropout hides a batch's embeddings, and independently
-    # its coordinates, with this probability in training, so that the identity-free path stays trained
+    # none: it is encoded identity-free)
     unit_embedding: bool = False
+    # training: a batch's unit embeddings, and independently its coordinates, are hidden with this
+    # probability, so that the identity-free path (a new animal's) stays trained
     identity_dropout: float = 0.0
-    # recorded behaviour that is not the stimulus (Sensorium: pupil dilation, running speed, pupil centre
-    # x, y, z-scored), fed to "readout" (each neuron's drive), "encoder" (the neural projector), "both"
+    # recorded behaviour that is not the stimulus (Sensorium: pupil dilation, running speed, eye x, y,
+    # z-scored) fed to "readout" (each neuron's drive), "encoder" (the neural projector) or "both"
     state_input: str = "none"
-    state_dim: int = 4                # channels of that state
+    state_dim: int = 4                # channels of the recorded behavioural state
     # neural output stage: "resize" is the published one (bicubic resize of the neuron axis to N + convs);
     # "neuron" is a per-neuron factorised readout (order-consistent; pairs with "set", see pnba.py)
     neural_readout: str = "resize"
@@ -343,6 +345,60 @@ def from_dict(d: dict) -> Config:
     return cfg
 
 
+def field_docs() -> dict[str, str]:
+    """`section.field` -> its meaning, read from the comments beside and above each field in this file:
+    the one place options are documented (train.py --help-config and the README's table come from here)."""
+    docs = {}
+    for section, cls in _sections().items():
+        pending: list[str] = []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                pending.append(text.lstrip("# "))
+                continue
+            m = re.match(r"(\w+): .*?=.*?(?:#\s*(.*))?$", text)
+            if m:
+                docs[f"{section}.{m.group(1)}"] = " ".join(pending + [m.group(2) or ""]).strip()
+            pending = []
+    return docs
+
+
+def _cell(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(_cell(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_table() -> str:
+    """The README's config reference: one row per field, one column per preset, and the field's meaning."""
+    presets = {name: to_dict(preset(name)) for name in PRESETS}
+    docs = field_docs()
+    lines = ["| key | " + " | ".join(presets) + " | meaning |", "|---" * (len(presets) + 2) + "|"]
+    for key in valid_keys():
+        section, name = key.split(".")
+        cells = " | ".join(_cell(p[section][name]) for p in presets.values())
+        lines.append(f"| `{key}` | {cells} | {docs[key].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def help_text() -> str:
+    """Every `--section.field` override with its type, default and meaning (train.py --help-config)."""
+    docs, default = field_docs(), to_dict(Config())
+    out = []
+    for section in _sections():
+        out.append(f"{section}:")
+        for key in (k for k in valid_keys() if k.startswith(section + ".")):
+            name = key.split(".")[1]
+            typ = _field_type(section, name)
+            kind = getattr(typ, "__name__", str(typ)) if typing.get_origin(typ) is not tuple else \
+                f"tuple of {typing.get_args(typ)[0].__name__}"
+            choices = f"; one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
+            value = _cell(default[section][name]) or '""'
+            out.append(f"  --{key} {kind} (default {value}{choices})")
+            out.append(f"      {docs[key]}")
+    return "\n".join(out)
+
+
 def describe(cfg: Config) -> str:
     """Human-readable `section.field = value` lines (for logs and the README reference)."""
     d = to_dict(cfg)
@@ -572,3 +628,7 @@ def pick_device(choice: str = "auto", ddp_device=None):
     if choice.startswith("cuda:") and int(choice[5:]) >= torch.cuda.device_count():
         raise ConfigError(f"run.device is {choice!r}, but there are {torch.cuda.device_count()} CUDA devices")
     return torch.device(choice)
+
+
+if __name__ == "__main__":   # python config.py: the README's config table, generated from this file
+    print(config_table(), end="")

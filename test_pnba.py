@@ -3161,3 +3161,106 @@ def test_a_video_model_on_nwb_sessions_is_one_clear_error(small_monkeys, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--preset monkey" in err and ".nwb" in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the recorded behavioural state and unit identity (model.state_input, model.unit_embedding)
+# ---------------------------------------------------------------------------------------------
+
+def test_state_is_read_z_scored_and_a_nan_in_it_is_one_line(tiny, broken):
+    _, mice, _ = tiny
+    m = next(iter(mice.values()))
+    i = int(m.trials(["train"])[0])
+    state = m.state(i, 3, 11)
+    raw = m.raw(i)
+    expected = np.concatenate([np.asarray(raw[k])[:, 3:11] for k in ("behavior", "pupil_center")])
+    mean = np.concatenate([np.load(os.path.join(m.path, f"meta/statistics/{k}/all/mean.npy")).mean(-1)
+                           for k in ("behavior", "pupil_center")])
+    std = np.concatenate([np.load(os.path.join(m.path, f"meta/statistics/{k}/all/std.npy")).mean(-1)
+                          for k in ("behavior", "pupil_center")])
+    assert state.shape == (8, 4) and state.dtype == torch.float32 and m.state_dim == 4
+    np.testing.assert_allclose(state.numpy(), ((expected.T - mean) / std), rtol=1e-5, atol=1e-5)
+    assert m.state(i).shape == (m.valid_frames(i), 4)
+    w = data.eval_windows(m, i, 8)
+    assert w["state"].shape == w["responses"].shape[:2] + (4,)
+    b, _ = broken
+    j = int(b.trials(["train"])[0])
+    path = put_nan(b, "behavior", j, (1, 5))
+    one_line_error(lambda: data.Mouse(b.path).state(j), path, "NaN at frame 5")
+
+
+def test_a_model_that_reads_the_state_refuses_data_without_one(tiny, tmp_path):
+    _, mice, _ = tiny
+    m = next(iter(mice.values()))
+    data.check_state([m], "both")
+    m.state_dim = 0                           # as a folder without data/behavior or its statistics
+    with pytest.raises(data.DataError, match="no recorded behavioural state"):
+        data.check_state([m], "readout")
+    data.check_state([m], "none")
+
+
+def test_state_reaches_the_readout_and_the_encoder_only_where_configured():
+    r, v = batch(2, 8, 40)
+    state = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(5))
+    for where in ("none", "readout", "encoder", "both"):
+        model = build(state_input=where).eval()
+        with torch.no_grad():
+            for p in model.neural_readout.state.values() if hasattr(model.neural_readout, "state") else ():
+                p.normal_()          # zero at the start: the state changes nothing until trained
+            z = model.encode(r, v).mu_p
+            moved_x = not torch.allclose(model.encode(r, state=state).mu_x, model.encode(r).mu_x)
+            rate, rate_with_state = (model.decode_responses(z, "m1", s) for s in (None, state))
+            moved_rate = not torch.allclose(rate, rate_with_state)
+        assert moved_x == (where in ("encoder", "both")), where
+        assert moved_rate == (where in ("readout", "both")), where
+    model = build(state_input="both")
+    model(r, v, "m1", state=state).losses.total.backward()
+    assert model.neural_readout.state["m1"].grad.abs().sum() > 0
+    assert model.neural_projector.state_embed.weight.grad.abs().sum() > 0
+    assert any(n.startswith("neural_readout.state.") for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="state_input"):
+        build("monkey", state_input="both")            # a monkey's behaviour is its stimulus
+
+
+def test_unit_embeddings_are_a_training_animal_s_own_and_identity_dropout_hides_them():
+    r, v = batch(4, 8, 40)
+    model = build(unit_embedding=True, identity_dropout=0.5, use_coords=True)
+    assert set(model.unit_embedding) == set(COUNTS) and model.unit_embedding["m1"].shape == (40, 8)
+    assert all(n.startswith(pnba.PER_ANIMAL_PARAMETERS) for n, _ in model.named_parameters()
+               if n.startswith("unit_embedding."))
+    seen = []
+    model.neural_projector.register_forward_pre_hook(
+        lambda mod, args: seen.append((args[1] is not None, args[2] is not None)))
+    torch.manual_seed(0)
+    for _ in range(40):
+        model(r, v, "m1", coords=torch.randn(40, 3))
+    # identity and coordinates each hidden in about half of the batches, independently
+    assert 10 < sum(c for c, _ in seen) < 30 and 10 < sum(e for _, e in seen) < 30
+    assert {(True, True), (False, False), (True, False), (False, True)} <= set(seen)
+    model.eval()
+    with torch.no_grad():
+        model.unit_embedding["m1"].normal_()
+        # encoding is deterministic: the training animal's own embeddings; an unknown animal's: none
+        assert torch.equal(model.encode(r, animal="m1").mu_x, model.encode(r, animal="m1").mu_x)
+        torch.testing.assert_close(model.encode(r, animal="new").mu_x, model.encode(r).mu_x)
+    with pytest.raises(ValueError, match="unit_embedding"):
+        build(neural_projector="conv", unit_embedding=True)
+
+
+def test_readme_config_table_is_generated_from_config():
+    """README "Config reference" is `python config.py`'s output: presets and meanings cannot drift."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    assert config.config_table() in readme, "README's config table differs: paste `python config.py`"
+    docs = config.field_docs()
+    assert set(docs) == set(config.valid_keys()) and all(docs.values())
+
+
+def test_train_help_tells_the_presets_inputs_and_every_override(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in config.PRESETS) and ".nwb" in text and "subjects" in text
+    assert "example: python train.py" in text
+    assert train.train(["--help-config"]) is None
+    listed = capsys.readouterr().out
+    assert all(f"--{key} " in listed for key in config.valid_keys())

@@ -51,10 +51,20 @@ class TrainError(Exception):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default=None, help="paper | demo | tiny (default: demo)")
-    p.add_argument("--data", nargs="+", default=None, help="mouse folders or their parent folder")
-    p.add_argument("--holdout", default=None, help="comma-separated mouse names (or unique prefixes)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any config field is an override, e.g. --optim.lr 3e-4 --model.neural_projector set; "
+               "--help-config lists them all with type, default and meaning.\n"
+               "example: python train.py --data /data/sensorium --preset recommended --holdout dynamic29228",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help=f"{' | '.join(config.PRESETS)} (default: demo)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="Sensorium mouse folders or a folder holding them, or .nwb files or folders holding "
+                        "them (default: the synthetic set of --data.synth_preset)")
+    p.add_argument("--holdout", default=None,
+                   help="comma-separated animals that take no gradient: mouse or session names, NWB subjects "
+                        "(every session of that monkey) or unique name prefixes")
+    p.add_argument("--help-config", action="store_true", help="list every --section.field override and exit")
     p.add_argument("--out", default=None, help="run directory (default: a new folder under runs/)")
     p.add_argument("--resume", default=None, help="run directory (or checkpoint) to continue")
     p.add_argument("--restart", action="store_true",
@@ -549,6 +559,9 @@ def report_done(run: Run, step):
 def train(argv=None):
     """Run training; returns the run directory. argv defaults to sys.argv[1:]."""
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        print(config.help_text())
+        return None
     rank, world, ddp_device = setup_distributed()
     master = rank == 0
     try:
