@@ -16,7 +16,8 @@ trial, never a model (mouse_session reads a data.Mouse; array_session wraps arra
 spikes and kinematics). `zeroshot` scores them with stats.between on the same pairs and trials as PNBA:
 
     sessions = {m.name: mouse_session(m, trials_of[m.name]) for m in mice}
-    out = zeroshot(sessions, [(a, b)], ["pca_cca", "cebra", "pca", "stimulus"], n_perm=1000, seed=0)
+    out = zeroshot(sessions, [(a, b)], ["pca_cca", "cebra", "pca", "stimulus", "summary"], n_perm=1000,
+                   seed=0)
 
 - pca_cca (Safaie et al. 2023): each animal's responses reduced to its top PCS principal components (PCA of
   its own analysed trials, frames as samples, no labels; optional log1p), then CCA between the two animals
@@ -26,6 +27,9 @@ spikes and kinematics). `zeroshot` scores them with stats.between on the same pa
   video PCs as the continuous label, trained on the same fit halves and scored on the same other trials.
 - pca: each animal's own PCs compared as they are, no alignment (the floor).
 - stimulus: the video PCs themselves, identical for two animals shown the same video (the ceiling).
+- summary: per frame, statistics over the animal's neurons of its responses, each neuron z-scored over the
+  animal's analysed trials (mean, sd, 10/50/90% quantiles; each statistic then z-scored over the animal's
+  frames): what an encoder that ignores which neuron is which can read without any training or fitting.
 """
 
 from __future__ import annotations
@@ -124,7 +128,8 @@ def pixel_ridge(mouse, trials) -> PixelRidge:
 # Alignment baselines beside the zero-shot analysis (stats_zeroshot.py --baselines)
 # ---------------------------------------------------------------------------------------------
 
-BASELINES = ("pca_cca", "cebra", "pca", "stimulus")
+BASELINES = ("pca_cca", "cebra", "pca", "stimulus", "summary")
+SUMMARY_QUANTILES = (0.1, 0.5, 0.9)     # summary: quantiles over neurons per frame, beside the mean and sd
 PCS = 8                       # components kept: neural PCs per animal, video PCs, CCA and CEBRA dimensions
 CCA_REG = 1e-2                # ridge on each side's covariance, as a fraction of its mean eigenvalue
 SPLITS = 5                    # random halves of the stimuli for the fitted baselines (pca_cca, cebra)
@@ -134,7 +139,8 @@ CEBRA_PARAMS = dict(model_architecture="offset10-model", batch_size=512, learnin
                     distance="cosine", conditional="time_delta", time_offsets=10, max_iterations=2000)
 CEBRA_MISSING = "cebra: not installed (pip install cebra); skipped"
 SPREAD_KEYS = ("paired_mean", "unpaired_mean", "cohens_d", "perm_p")
-_SEED_OF = {"pca_cca": 1, "cebra": 2, "pca": 3, "stimulus": 4, "reference": 5}   # rng streams per method
+_SEED_OF = {"pca_cca": 1, "cebra": 2, "pca": 3, "stimulus": 4, "reference": 5,    # rng streams per method
+            "summary": 6}
 
 
 @dataclass
@@ -278,6 +284,31 @@ def features(sessions: dict[str, Session], k: int = PCS, log1p: bool = False) ->
             stimulus_pcs[name].append((np.asarray(stimulus, np.float64) - stimulus_mean) @ stimulus_comps)
             seconds["stimulus_pca"] += time.perf_counter() - t0
     return Features(neural_pcs, stimulus_pcs, cache, seconds)
+
+
+def summary_features(sessions: dict[str, Session], feats: Features, log1p: bool = False) -> dict[str, list]:
+    """Per animal, per trial (T, 2 + len(SUMMARY_QUANTILES)): the mean, sd and SUMMARY_QUANTILES over the
+    animal's neurons of its responses, each neuron z-scored over all frames of the animal's trials; then each
+    statistic z-scored over those frames, so that all weigh alike in a correlation. No neuron's identity and
+    no other animal enters: the population statistics an order-invariant encoder could read untrained.
+    Two passes over the trials (feats' cache, or read again)."""
+    out = {}
+    for name, s in sessions.items():
+        n, total, squares = 0, 0.0, 0.0
+        for k in range(len(s)):
+            x = feats.neural(s, k, log1p)
+            n, total, squares = n + len(x), total + x.sum(0), squares + (x ** 2).sum(0)
+        mean = total / n
+        sd = np.sqrt(np.maximum(squares / n - mean ** 2, 0)) + 1e-12
+        per_trial = []
+        for k in range(len(s)):
+            z = (feats.neural(s, k, log1p) - mean) / sd
+            quantiles = np.quantile(z, SUMMARY_QUANTILES, axis=1)
+            per_trial.append(np.column_stack([z.mean(1), z.std(1), *quantiles]))
+        frames = np.concatenate(per_trial)
+        centre, scale = frames.mean(0), frames.std(0) + 1e-12
+        out[name] = [(x - centre) / scale for x in per_trial]
+    return out
 
 
 def stimulus_splits(sessions: dict[str, Session], n_splits: int,
@@ -446,6 +477,9 @@ def describe(method: str, k: int, n_splits: int, log1p: bool) -> tuple[str, str]
                   f"video PCs as labels, scored on the others ({n_splits} splits)", "no"),
         "pca": (f"PCA ({k}) of each animal's own {responses}, no alignment (floor)", "n/a"),
         "stimulus": (f"video PCs ({k}), no neural data (ceiling)", "n/a"),
+        "summary": (f"mean, sd and {'/'.join(f'{q:.0%}' for q in SUMMARY_QUANTILES)} quantiles over the "
+                    f"animal's neurons of its z-scored {responses} per frame: identity-free, nothing fitted",
+                    "n/a"),
     }[method]
 
 
@@ -485,13 +519,14 @@ def zeroshot(sessions: dict[str, Session], pairs: list[tuple[str, str]], methods
             "PNBA mu_x, scored on the fitted baselines' held-out trials (same splits)", "")
         entry = {"fits": fits, "zero_shot": zero, "skipped": None, "pairs": []}
         comparisons = []
-        if method in ("pca", "stimulus"):
-            rep = feats.neural_pcs if method == "pca" else feats.stimulus_pcs
+        if method in ("pca", "stimulus", "summary"):
+            rep = (summary_features(sessions, feats, log1p) if method == "summary"
+                   else feats.neural_pcs if method == "pca" else feats.stimulus_pcs)
             for p, (a, b) in enumerate(pairs):
                 c = _compare(rep[a], rep[b], sessions[a], sessions[b], n_perm, rng(method, p))
                 entry["pairs"].append({"a": a, "b": b, **_result(c)})
                 comparisons.append(c["centred"])
-            wall = feats.seconds["neural_pca" if method == "pca" else "stimulus_pca"]
+            wall = feats.seconds.get({"pca": "neural_pca", "stimulus": "stimulus_pca"}.get(method), 0.0)
         else:
             wall = feats.seconds["neural_pca"] if method == "pca_cca" else 0.0
             per_pair = [[] for _ in pairs]
