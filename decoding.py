@@ -10,12 +10,20 @@ Definitions:
   own mean of that component; "mean" averages the components. Negative when worse than that mean.
 - Inputs are standardised with the fitting set's per-feature mean and sd (a constant feature gets sd 1, so
   it stays constant and carries no weight); the networks also standardise the targets and undo it.
-- linear: ridge with intercept, alpha from ALPHAS by k-fold cross-validation over the fitting trials (folds
-  stratified by condition when labels are given), chosen by the pooled R² of the out-of-fold predictions.
+- linear: ridge with intercept, alpha from ALPHAS (up to inf: the fitting mean alone) by k-fold
+  cross-validation, chosen by the pooled R² of the out-of-fold predictions. Folds are groups of trials when
+  groups are given and there are at least two (zero-shot: the fitting subjects, so the penalty is the one
+  that carries over to an animal not fitted on), else trials (stratified by condition when labels are given).
 - mlp: one hidden layer (HIDDEN_MLP units, tanh) applied to every frame; gru: one GRU layer (HIDDEN_GRU)
   over the frames of a trial with a linear readout. Both full-batch Adam (Training), early-stopped on a
-  held-out share of the fitting trials (stratified like the folds): the weights of the best validation
-  loss are kept.
+  held-out share of the fitting trials (whole groups when given, else trials stratified like the folds):
+  the weights of the best validation loss are kept. The readout starts at zero, so step 0 predicts the
+  fitting mean and a network that learns nothing that carries over stays there.
+- Zero-shot extras: shrinkage of each scored animal's predictions towards their own mean by how consistent
+  they are across trials of one condition (consistency_shrinkage: uses the condition labels, never the
+  scored behaviour), and how far its inputs lie outside the fitting inputs (input_range).
+- Behaviour spaces: zero_shot refuses (BehaviourSpaceError, one line) to fit or score across animals whose
+  behaviour is in different spaces (recordings/reps.py), e.g. velocities in files of different units.
 - rates ridge: spike counts with NaN where a unit was not observed; each NaN is replaced by the unit's mean
   over its observed bins in the fitting trials (0 for a unit never observed there: a constant feature),
   then Gaussian smoothing over time and lagged copies, then the linear decoder above.
@@ -33,7 +41,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter1d
 
-ALPHAS = np.logspace(-2, 5, 15)       # ridge penalties tried (features standardised, so one grid serves all)
+# ridge penalties tried (features standardised, so one grid serves all); inf: coefficients 0, the mean alone
+ALPHAS = np.append(np.logspace(-2, 6, 17), np.inf)
 FOLDS = 5
 HIDDEN_MLP, HIDDEN_GRU = 64, 32
 HISTORY, SMOOTH_BINS = 5, 2          # rates ridge: lagged bins per feature (100 ms at 20 ms bins: the neurons
@@ -105,6 +114,21 @@ class Standardiser:
         return x * self.sd + self.mean
 
 
+def cv_folds(n: int, k: int, labels: Sequence | None = None, seed: int = 0,
+             groups: Sequence | None = None) -> np.ndarray:
+    """(n,) fold of every trial: with groups (one per trial) and at least two of them, whole groups dealt in a
+    seeded order to at most k folds (leave-one-group-out when there are k groups or fewer); else
+    trial_folds."""
+    if groups is not None:
+        g = np.asarray(groups)
+        names = np.unique(g)
+        if len(names) >= 2:
+            order = np.random.default_rng(seed).permutation(len(names))
+            fold_of = {names[j]: i % k for i, j in enumerate(order)}
+            return np.array([fold_of[v] for v in g], np.int64)
+    return trial_folds(n, min(k, n), labels, seed)
+
+
 def _aligned(latents: Sequence[np.ndarray], behaviour: Sequence[np.ndarray]) -> tuple[list, list]:
     """Each trial cut to the frames both arrays have (their common leading frames)."""
     n = [min(len(x), len(y)) for x, y in zip(latents, behaviour, strict=True)]
@@ -146,11 +170,12 @@ def _ridge_per_alpha(x: Sequence[np.ndarray], y: Sequence[np.ndarray],
 
 
 def fit_ridge(x: Sequence[np.ndarray], y: Sequence[np.ndarray], labels: Sequence | None = None, seed: int = 0,
-              alphas: Sequence[float] = ALPHAS, folds: int = FOLDS) -> Ridge:
-    """Ridge from x (T, L) to y (T, D) per trial, alpha by k-fold cross-validation over the trials."""
+              alphas: Sequence[float] = ALPHAS, folds: int = FOLDS, groups: Sequence | None = None) -> Ridge:
+    """Ridge from x (T, L) to y (T, D) per trial, alpha by k-fold cross-validation (cv_folds: over groups
+    of trials, e.g. animals, when given)."""
     if len(x) < 2:
         raise ValueError(f"ridge needs at least 2 trials to choose alpha, got {len(x)}")
-    fold = trial_folds(len(x), min(folds, len(x)), labels, seed)
+    fold = cv_folds(len(x), folds, labels, seed, groups)
     predicted: list[list] = [[None] * len(x) for _ in alphas]
     for k in np.unique(fold):
         fit_idx, test_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
@@ -171,16 +196,23 @@ class _GRU(torch.nn.Module):
     def __init__(self, n_in: int, n_out: int, hidden: int):
         super().__init__()
         self.gru = torch.nn.GRU(n_in, hidden, batch_first=True)
-        self.readout = torch.nn.Linear(hidden, n_out)
+        self.readout = _zero(torch.nn.Linear(hidden, n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.readout(self.gru(x)[0])
 
 
+def _zero(layer: torch.nn.Linear) -> torch.nn.Linear:
+    """The layer with weights and bias 0: a readout that starts at the (standardised) fitting mean."""
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    return layer
+
+
 def _mlp(n_in: int, n_out: int) -> torch.nn.Module:
     """(B, T, F) -> (B, T, D), frame by frame."""
     return torch.nn.Sequential(torch.nn.Linear(n_in, HIDDEN_MLP), torch.nn.Tanh(),
-                               torch.nn.Linear(HIDDEN_MLP, n_out))
+                               _zero(torch.nn.Linear(HIDDEN_MLP, n_out)))
 
 
 @contextlib.contextmanager
@@ -227,19 +259,19 @@ class Network:
 
 def _fit_network(make: Callable[[int, int], torch.nn.Module], x: Sequence[np.ndarray],
                  y: Sequence[np.ndarray], labels: Sequence | None, seed: int,
-                 training: Training | None) -> Network:
+                 training: Training | None, groups: Sequence | None = None) -> Network:
     with _one_thread():
-        return _train_network(make, x, y, labels, seed, training or TRAINING)
+        return _train_network(make, x, y, labels, seed, training or TRAINING, groups)
 
 
 def _train_network(make: Callable[[int, int], torch.nn.Module], x: Sequence[np.ndarray],
                    y: Sequence[np.ndarray], labels: Sequence | None, seed: int,
-                   training: Training) -> Network:
+                   training: Training, groups: Sequence | None = None) -> Network:
     if len(x) < 2:
         raise ValueError(f"a network needs at least 2 trials (fit and validation), got {len(x)}")
     scale_x, scale_y = Standardiser.fit(x), Standardiser.fit(y)
     n_parts = min(len(x), max(2, round(1 / training.validation_fraction)))
-    validation = trial_folds(len(x), n_parts, labels, seed) == 0
+    validation = cv_folds(len(x), n_parts, labels, seed, groups) == 0
     tensors = {}
     for part, keep in (("fit", ~validation), ("validation", validation)):
         idx = np.flatnonzero(keep)
@@ -277,15 +309,18 @@ def _train_network(make: Callable[[int, int], torch.nn.Module], x: Sequence[np.n
 
 
 def fit_mlp(x: Sequence[np.ndarray], y: Sequence[np.ndarray], labels: Sequence | None = None, seed: int = 0,
-            training: Training | None = None) -> Network:
-    """MLP (one hidden layer) from x (T, L) to y (T, D) frame by frame, early-stopped on held-out trials."""
-    return _fit_network(_mlp, x, y, labels, seed, training)
+            training: Training | None = None, groups: Sequence | None = None) -> Network:
+    """MLP (one hidden layer) from x (T, L) to y (T, D) frame by frame, early-stopped on held-out trials
+    (whole groups when given)."""
+    return _fit_network(_mlp, x, y, labels, seed, training, groups)
 
 
 def fit_gru(x: Sequence[np.ndarray], y: Sequence[np.ndarray], labels: Sequence | None = None, seed: int = 0,
-            training: Training | None = None) -> Network:
-    """GRU over the frames of each trial from x (T, L) to y (T, D), early-stopped on held-out trials."""
-    return _fit_network(lambda n_in, n_out: _GRU(n_in, n_out, HIDDEN_GRU), x, y, labels, seed, training)
+            training: Training | None = None, groups: Sequence | None = None) -> Network:
+    """GRU over the frames of each trial from x (T, L) to y (T, D), early-stopped on held-out trials (whole
+    groups when given)."""
+    return _fit_network(lambda n_in, n_out: _GRU(n_in, n_out, HIDDEN_GRU), x, y, labels, seed, training,
+                        groups)
 
 
 DECODERS: dict[str, Callable] = {"linear": fit_ridge, "mlp": fit_mlp, "gru": fit_gru}
@@ -295,29 +330,159 @@ DECODERS: dict[str, Callable] = {"linear": fit_ridge, "mlp": fit_mlp, "gru": fit
 # Zero-shot and within-animal decoding of latents
 # ---------------------------------------------------------------------------------------------
 
+class BehaviourSpaceError(ValueError):
+    """Animals whose behaviour is in different spaces (units) in one decoder: the message is one line."""
+
+
+def check_spaces(spaces: dict[str, str] | None, animals: Sequence[str]) -> None:
+    """BehaviourSpaceError unless every animal named has the same behaviour space (spaces: {animal: space};
+    None or an animal missing from it: nothing to check)."""
+    named = {m: spaces[m] for m in animals if spaces and m in spaces}
+    if len(set(named.values())) > 1:
+        first = next(iter(named))
+        other = next(m for m in named if named[m] != named[first])
+        raise BehaviourSpaceError(
+            f"behaviour spaces differ: {first} is in {named[first]!r}, {other} in {named[other]!r}; no "
+            "decoder is fitted or scored across animals whose behaviour units may differ (re-extract the "
+            "representations with extract.py: it stores every animal's behaviour in one space)")
+
+
+OUT_OF_RANGE_QUANTILE = 0.99          # of the fitting frames' distances: the edge of the fitted inputs
+OUT_OF_RANGE_FRACTION = 0.10          # a scored animal with more of its frames beyond that edge is flagged
+COVARIANCE_FLOOR = 0.01               # standardised covariance: eigenvalues floored at this x their mean
+
+
+@dataclass
+class Distance:
+    """Mahalanobis distance of frames (T, F) from a fitting set: standardised features, covariance with its
+    eigenvalues floored at COVARIANCE_FLOOR x their mean (a direction the fitting set never varies in still
+    counts, but finitely)."""
+
+    scale: Standardiser
+    basis: np.ndarray                 # (F, F) eigenvectors
+    variance: np.ndarray              # (F,) floored eigenvalues
+
+    @classmethod
+    def fit(cls, arrays: Sequence[np.ndarray]) -> Distance:
+        scale = Standardiser.fit(arrays)
+        xs = scale(np.concatenate(arrays))
+        values, basis = np.linalg.eigh(xs.T @ xs / len(xs))
+        return cls(scale, basis, np.maximum(values, COVARIANCE_FLOOR * max(values.mean(), 1e-12)))
+
+    def __call__(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        z = self.scale(np.concatenate(arrays)) @ self.basis
+        return np.sqrt((z ** 2 / self.variance).sum(1))
+
+
+def input_range(fit: dict[str, list[np.ndarray]], scored: dict[str, list[np.ndarray]],
+                score: dict[str, Sequence[str]], groups: dict[str, str] | None = None) -> dict:
+    """How far each scored animal's decoder inputs lie outside the fitting animals' (frames (T, F) per trial):
+    the fraction of its frames whose Mahalanobis distance (Distance, fitted on all fitting frames) exceeds the
+    OUT_OF_RANGE_QUANTILE of the fitting frames' own distances (about 1% for inputs from the same
+    distribution), flagged out_of_range above OUT_OF_RANGE_FRACTION; the same per group of score (frames
+    pooled). reference: each fitting group (groups: {animal: group}, default the animals) scored against the
+    others, as a new animal would be: how far outside a new animal typically lies."""
+    fit_arrays = [a for m in fit for a in fit[m]]
+    distance = Distance.fit(fit_arrays)
+    edge = float(np.quantile(distance(fit_arrays), OUT_OF_RANGE_QUANTILE))
+
+    def entry(arrays: list[np.ndarray], measure: Distance, threshold: float) -> dict:
+        d = measure(arrays)
+        outside = float((d > threshold).mean())
+        return {"outside_fraction": outside, "median_distance": float(np.median(d)),
+                "out_of_range": outside > OUT_OF_RANGE_FRACTION}
+
+    group_of = groups or {m: m for m in fit}
+    reference = {}
+    for g in sorted({group_of[m] for m in fit}):
+        rest = [a for m in fit if group_of[m] != g for a in fit[m]]
+        if not rest:
+            continue
+        measure = Distance.fit(rest)
+        reference[g] = entry([a for m in fit if group_of[m] == g for a in fit[m]], measure,
+                             float(np.quantile(measure(rest), OUT_OF_RANGE_QUANTILE)))
+    return {"quantile": OUT_OF_RANGE_QUANTILE, "flag_above": OUT_OF_RANGE_FRACTION, "edge_distance": edge,
+            "animals": {m: entry(scored[m], distance, edge) for m in scored},
+            "groups": {g: entry([a for m in members for a in scored[m]], distance, edge)
+                       for g, members in score.items() if members},
+            "reference": reference}
+
+
+def consistency_shrinkage(predicted: Sequence[np.ndarray], labels: Sequence) -> tuple[list[np.ndarray], list]:
+    """Predictions (T, D) per trial of one animal shrunk towards their own mean, per component, by the share
+    of their variance that is consistent across trials of one condition: cells (condition, frame), N frames in
+    K cells; factor = (SS_cells - (K - 1) MS_within) / SS_total, clipped to [0, 1] (the chance-corrected
+    fraction of variance explained by the cells, omega² style: about 0 for predictions that vary from
+    trial to trial of one condition as much as between conditions). Under prediction = condition signal +
+    noise with the behaviour following the signal, this is the factor that minimises the squared error. Uses
+    the condition labels, never the behaviour. Returns (shrunk predictions, factor per component); factor 1
+    where it cannot be estimated (no frame shares a cell, or constant predictions)."""
+    p = np.concatenate(predicted).astype(np.float64)
+    label_codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)[1]
+    frame = np.concatenate([np.arange(len(a)) for a in predicted])
+    label = np.repeat(label_codes, [len(a) for a in predicted])
+    cell = np.unique(np.stack([label, frame], 1), axis=0, return_inverse=True)[1].reshape(-1)
+    n, k = len(p), int(cell.max()) + 1
+    mean = p.mean(0)
+    e = p - mean
+    count = np.bincount(cell, minlength=k).astype(np.float64)
+    factors = []
+    for d in range(p.shape[1]):
+        cell_mean = np.bincount(cell, weights=e[:, d], minlength=k) / count
+        total = float((e[:, d] ** 2).sum())
+        between = float((count * cell_mean ** 2).sum())
+        if n <= k or total <= 0:
+            factors.append(1.0)
+            continue
+        within = (total - between) / (n - k)
+        factors.append(float(np.clip((between - (k - 1) * within) / total, 0.0, 1.0)))
+    f = np.array(factors)
+    return [mean + f * (a - mean) for a in predicted], factors
+
+
 def zero_shot(latents: dict[str, list], behaviour: dict[str, list], labels: dict[str, Sequence],
-              fit_on: Sequence[str], score: dict[str, Sequence[str]], seed: int = 0) -> dict:
+              fit_on: Sequence[str], score: dict[str, Sequence[str]], seed: int = 0,
+              groups: dict[str, str] | None = None, spaces: dict[str, str] | None = None) -> dict:
     """Every decoder fitted once on all trials of the animals fit_on and scored, with no refit, on every
     group of score ({group: animals}).
 
     latents, behaviour: {animal: list of (T, L) / (T, D) per trial}; labels: {animal: (trials,) condition},
-    used to stratify the folds. Returns {decoder: {"fit": its hyper-parameters, "groups": {group: r2 over
-    all the group's trials}, "animals": {animal: r2}}}.
+    used to stratify the folds and by the shrinkage; groups: {animal: group} for the cross-validation over
+    animals (default: every animal its own group; give subjects, so that no fold tests on a session of a
+    subject it fitted); spaces: {animal: behaviour space}, BehaviourSpaceError if they differ (check_spaces).
+    Returns {decoder: {"fit": its hyper-parameters, "groups": {group: r2 over all the group's trials},
+    "animals": {animal: r2 + outside_fraction and out_of_range from input_range}, "shrunk": the same r2 of
+    the predictions after consistency_shrinkage per scored animal, with "factors" {animal: per component},
+    "input_range": input_range() of the latents (the same for every decoder: they share the input)}}.
     """
     scored = sorted({m for members in score.values() for m in members})
+    check_spaces(spaces, [*fit_on, *scored])
     pairs = {m: _aligned(latents[m], behaviour[m]) for m in {*fit_on, *scored}}
     x = [a for m in fit_on for a in pairs[m][0]]
     y = [b for m in fit_on for b in pairs[m][1]]
     fit_labels = np.concatenate([np.asarray(labels[m]) for m in fit_on])
+    group_of = groups or {m: m for m in fit_on}
+    fit_groups = np.concatenate([[group_of[m]] * len(pairs[m][0]) for m in fit_on])
+    ranges = input_range({m: pairs[m][0] for m in fit_on}, {m: pairs[m][0] for m in scored}, score, group_of)
     out = {}
     for name, fit in DECODERS.items():
-        model = fit(x, y, fit_labels, seed)
+        model = fit(x, y, fit_labels, seed, groups=fit_groups)
         predicted = {m: model.predict(pairs[m][0]) for m in scored}
+        shrunk = {m: consistency_shrinkage(predicted[m], labels[m]) for m in scored}
+        animals = {m: {**r2(predicted[m], pairs[m][1]),
+                       **{k: ranges["animals"][m][k] for k in ("outside_fraction", "out_of_range")}}
+                   for m in scored}
         out[name] = {"fit": model.describe(),
                      "groups": {g: r2([p for m in members for p in predicted[m]],
                                       [t for m in members for t in pairs[m][1]])
                                 for g, members in score.items() if members},
-                     "animals": {m: r2(predicted[m], pairs[m][1]) for m in scored}}
+                     "animals": animals,
+                     "shrunk": {"groups": {g: r2([p for m in members for p in shrunk[m][0]],
+                                                 [t for m in members for t in pairs[m][1]])
+                                           for g, members in score.items() if members},
+                                "animals": {m: r2(shrunk[m][0], pairs[m][1]) for m in scored},
+                                "factors": {m: shrunk[m][1] for m in scored}},
+                     "input_range": ranges}
     return out
 
 

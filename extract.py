@@ -16,8 +16,9 @@ Output: HDF5 /<animal>/<tier>/<trial>/{mu_x, logvar_x, mu_y, logvar_y, mu_p} (fl
 (frames, latent)) with attributes stimulus (pixel-pairing group id, or the condition id of NWB trials),
 condition, valid_frames, and per animal heldout (True for every animal the model did not train on),
 subject and session; the file attribute modality ("video" | "behaviour"). NWB monkeys (one animal per
-session) also get behaviour (frames, D), the trial's velocity in the file's units. Written to a temp file,
-then renamed.
+session) also get behaviour (frames, D), the trial's velocity in the model's own space (velocity / the
+session's RMS speed; recordings/reps.py), with per animal behaviour_space, behaviour_scale (x it = the
+file's values) and behaviour_unit (what the file states). Written to a temp file, then renamed.
 """
 
 from __future__ import annotations
@@ -115,12 +116,14 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
                for m in mice if trials_of[m.name]}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
         arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
-        condition = ""
-        if m.stimulus_kind == "behaviour":
-            arrays["behaviour"], condition = m.behaviour(i), m.condition(i)
+        condition, space = "", {}
+        if m.stimulus_kind == "behaviour":        # one unit for every animal: the model's own space
+            arrays["behaviour"], condition = m.normalised_behaviour(i), m.condition(i)
+            space = dict(behaviour_space=m.behaviour_space, behaviour_scale=m.behaviour_scale,
+                         behaviour_unit=m.behaviour_unit)
         heldout = m.name not in ckpt["neuron_counts"]
         reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1), m.valid_frames(i),
-                                  heldout, arrays, m.subject, m.session, condition))
+                                  heldout, arrays, m.subject, m.session, condition, **space))
     rate = len(jobs) / (time.time() - t0)
     data.write_representations(out_path, reps, {
         "checkpoint": str(Path(ckpt_path).resolve()),

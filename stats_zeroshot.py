@@ -1,5 +1,5 @@
 """python stats_zeroshot.py [reps.h5] [--out DIR] [--permutations 1000] [--seed 0]
-    [--baselines pca_cca,cebra,pca,stimulus] [--data DIR ...] [--pcs 8] [--splits 5] [--log1p]
+    [--baselines pca_cca,cebra,pca,stimulus,summary] [--data DIR ...] [--pcs 8] [--splits 5] [--log1p]
     [--cebra-iterations 2000] [--control SUBJECT,...]
 python stats_zeroshot.py runs/demo/reps.h5 --out results/
 python stats_zeroshot.py runs/demo/reps.h5 --baselines pca_cca,cebra,pca,stimulus
@@ -16,7 +16,8 @@ sample of trials of the first pair), by default beside the representations file.
 --baselines puts model-free alignments beside PNBA on the same pairs, with the same statistics (baselines.py):
 pca_cca (per-animal PCA + CCA fitted on a random half of the stimuli, scored on the other trials, --splits
 halves), cebra (multi-session CEBRA-Behavior with video PCs as labels, same halves; optional package),
-pca (each animal's own PCs, unaligned: the floor) and stimulus (video PCs: the ceiling). They read the
+pca (each animal's own PCs, unaligned: the floor), stimulus (video PCs: the ceiling) and summary (mean, sd
+and quantiles over each animal's z-scored neurons per frame: identity-free, nothing fitted). They read the
 responses and videos of the trials in the representations file from the data folders its config names
 (or --data DIR ..., after reps.h5), opened as that config says; --pcs components (default 8), --log1p
 before the neural PCA, --cebra-iterations training steps per split (CPU: about 0.1-0.3 s each).
@@ -291,7 +292,17 @@ def hierarchy_figure(levels: dict[str, dict], results: dict) -> bytes:
 DECODING_METHOD = {
     "zero_shot": "each decoder fitted once on all analysed trials of the training animals (mu_x per frame -> "
                  "behaviour), scored with no refit; groups: heldout (held-out non-control animals), control, "
-                 "train (in-sample: the fitting trials themselves)",
+                 "train (in-sample: the fitting trials themselves); hyper-parameters chosen across subjects "
+                 "(ridge alpha by leave-subjects-out CV, networks early-stopped on held-out subjects)",
+    "shrunk": "the zero-shot predictions of each scored animal shrunk towards their own mean per component "
+              "by the chance-corrected share of their variance explained by (condition, frame) cells "
+              "(decoding.consistency_shrinkage): condition labels only, never the scored behaviour",
+    "input_range": f"share of a scored animal's frames whose Mahalanobis distance from the fitting frames "
+                   f"exceeds the {decoding.OUT_OF_RANGE_QUANTILE} quantile of the fitting frames' own; out "
+                   f"of range above {decoding.OUT_OF_RANGE_FRACTION}; reference: each training subject "
+                   "against the others",
+    "behaviour": "in the model's own space (recordings/reps.py behaviour_space: velocity / the session's RMS "
+                 "speed), one unit for every animal; animals in different spaces are never mixed",
     "within_animal": f"the bound: the same decoders fitted and scored inside each held-out animal, "
                      f"{decoding.FOLDS}-fold over its trials, stratified by condition",
     "cross_modal": "the zero-shot fit from mu_y, which is computed from the kinematics: a reference, not a "
@@ -302,9 +313,10 @@ DECODING_METHOD = {
                    "observed) imputed with the unit's mean over the observed bins of the fitting fold",
     "r2": "1 - SSE/SST per velocity component over all frames of all scored trials, SST about their own "
           "mean; 'mean' averages the components",
-    "decoders": f"linear: ridge, alpha by {decoding.FOLDS}-fold CV over trials; mlp: one hidden layer of "
-                f"{decoding.HIDDEN_MLP}; gru: {decoding.HIDDEN_GRU} units over a trial's frames; inputs "
-                "standardised with the fitting set's statistics; networks early-stopped on held-out trials",
+    "decoders": f"linear: ridge, alpha by {decoding.FOLDS}-fold CV (over subjects when zero-shot); mlp: one "
+                f"hidden layer of {decoding.HIDDEN_MLP}; gru: {decoding.HIDDEN_GRU} units over a trial's "
+                "frames; inputs standardised with the fitting set's statistics; networks early-stopped on "
+                "held-out trials (subjects when zero-shot), readout starting at zero (the fitting mean)",
 }
 RATES_TARGET = 0.8        # zero-shot linear R² should reach this fraction of the within-animal rates ridge
 
@@ -314,7 +326,9 @@ def decoding_section(animals: dict[str, list[TrialRep]], role: dict[str, str], p
     """Zero-shot behaviour decoding (decoding.py) from mu_x, the within-animal bound, the mu_y reference
     and the rates ridge on the held-out animals' spikes (options["spikes"], a callable (animals, path) ->
     {animal: (spikes (T, N) per trial, velocity (T, D) per trial, conditions)}; default nwb_spikes). A
-    part that cannot run is one "skipped" line. Returns (JSON entry, text lines)."""
+    part that cannot run is one "skipped" line; animals whose behaviour spaces differ (e.g. a version-2
+    representations file, behaviour in each file's units) skip the whole section. Returns (JSON entry, text
+    lines)."""
     fit_on = [m for m in animals if role[m] == "train"]
     heldout = [m for m in animals if role[m] == "heldout"]
     control = [m for m in animals if role[m] == "control"]
@@ -323,18 +337,27 @@ def decoding_section(animals: dict[str, list[TrialRep]], role: dict[str, str], p
         reason = f"decoding skipped: needs training and held-out animals ({len(fit_on)} training, " \
                  f"{len(heldout)} held-out non-control)"
         return {"skipped": reason}, [title, reason]
+    spaces = {m: ts[0].behaviour_space for m, ts in animals.items()}
+    try:
+        decoding.check_spaces(spaces, [*fit_on, *heldout, *control])
+    except decoding.BehaviourSpaceError as e:
+        reason = f"decoding skipped: {e}"
+        return {"skipped": reason}, [title, reason]
 
     def arrays(name: str) -> dict[str, list[np.ndarray]]:
         return {m: [t.arrays[name] for t in ts] for m, ts in animals.items()}
 
     behaviour, labels = arrays("behaviour"), {m: [t.stimulus for t in ts] for m, ts in animals.items()}
+    subject = subjects(animals)
     out = {"method": DECODING_METHOD, "fit_on": fit_on, "heldout": heldout, "control": control,
+           "behaviour_space": spaces[fit_on[0]],
            "zero_shot": decoding.zero_shot(arrays("mu_x"), behaviour, labels, fit_on,
-                                           {"heldout": heldout, "control": control, "train": fit_on}, seed),
+                                           {"heldout": heldout, "control": control, "train": fit_on}, seed,
+                                           subject, spaces),
            "within_animal": decoding.within_animal(arrays("mu_x"), behaviour, labels, heldout, seed=seed)}
     if all("mu_y" in t.arrays for ts in animals.values() for t in ts):
         out["cross_modal"] = decoding.zero_shot(arrays("mu_y"), behaviour, labels, fit_on,
-                                                {"heldout": heldout}, seed)
+                                                {"heldout": heldout}, seed, subject, spaces)
     else:
         out["cross_modal"] = {"skipped": "cross-modal reference skipped: some trials have no mu_y"}
     read_spikes = options.get("spikes") or (lambda chosen, at: nwb_spikes(chosen, at, options))
@@ -350,43 +373,80 @@ def decoding_section(animals: dict[str, list[TrialRep]], role: dict[str, str], p
     return out, [title, *decoding_lines(out)]
 
 
+def _range_note(entry: dict) -> str:
+    """" [OUT OF RANGE]" after a score whose input_range entry is flagged, else ""."""
+    return " [OUT OF RANGE]" if entry["out_of_range"] else ""
+
+
 def decoding_lines(out: dict) -> list[str]:
-    """Text table of decoding_section's entry: one row per decoder, one column per set scored."""
-    columns = [("zero-shot", out["zero_shot"], "heldout"), ("within", out["within_animal"], None),
-               ("mu_y ref", out["cross_modal"], "heldout"), ("control", out["zero_shot"], "control"),
-               ("train fit", out["zero_shot"], "train")]
+    """Text table of decoding_section's entry: one row per decoder, one column per set scored (zero-shot
+    columns raw and shrunk), then the input range of every scored animal and why a row is flagged."""
+    zero = out["zero_shot"]
+    shrunk = {d: {"groups": zero[d]["shrunk"]["groups"]} for d in decoding.DECODERS}
+    columns = [("zero-shot", zero, "heldout"), ("shrunk", shrunk, "heldout"),
+               ("within", out["within_animal"], None), ("mu_y ref", out["cross_modal"], "heldout"),
+               ("control", zero, "control"), ("ctl shrunk", shrunk, "control"), ("train fit", zero, "train")]
     columns = [(name, entry, group) for name, entry, group in columns
                if "skipped" not in entry and (group is None or group in entry["linear"]["groups"])]
 
     def mean(entry: dict, group: str | None) -> float:
         return entry["pooled"]["mean"] if group is None else entry["groups"][group]["mean"]
 
+    ranges = zero["linear"]["input_range"]
+    flagged = {g for g, e in ranges["groups"].items() if e["out_of_range"]}
     head = f"{'decoder':<8}" + "".join(f" {name:>10}" for name, _, _ in columns)
     lines = [f"training animals: {', '.join(out['fit_on'])}; held-out: {', '.join(out['heldout'])}; control: "
-             f"{', '.join(out['control']) or 'none named (--control)'}",
+             f"{', '.join(out['control']) or 'none named (--control)'}; behaviour space: "
+             f"{out.get('behaviour_space') or 'unnamed'}",
              "zero-shot = fitted on the training animals' mu_x, scored on the held-out ones with no refit; "
-             "within = k-fold inside each held-out animal (the bound); mu_y ref = the zero-shot fit from "
-             "mu_y (computed from the kinematics); train fit = in-sample", head, "-" * len(head)]
+             "shrunk = the same predictions shrunk towards their mean by their consistency across trials of "
+             "a condition (labels only, no behaviour); within = k-fold inside each held-out animal (the "
+             "bound); mu_y ref = the zero-shot fit from mu_y (computed from the kinematics); train fit = "
+             "in-sample; * = out of range (below)", head, "-" * len(head)]
     for decoder in decoding.DECODERS:
-        lines.append(f"{decoder:<8}" + "".join(f" {stats.fmt(mean(entry[decoder], group), '.3f'):>10}"
-                                               for _, entry, group in columns))
+        lines.append(f"{decoder:<8}" + "".join(
+            f" {stats.fmt(mean(entry[decoder], group), '.3f') + ('*' if group in flagged else ''):>10}"
+            for _, entry, group in columns))
     lines += [entry["skipped"] for entry in (out["cross_modal"], out["rates_ridge"]) if "skipped" in entry]
     if "skipped" not in out["rates_ridge"]:
         rates = out["rates_ridge"]["pooled"]["mean"]
         lines.append(f"rates ridge (within-animal, spike counts): R² {stats.fmt(rates, '.3f')}; "
                      f"zero-shot linear / rates ridge = {stats.fmt(out['linear_over_rates'], '.2f')} "
                      f"(target >= {RATES_TARGET})")
-    lines += ["zero-shot R² per held-out animal: " + "; ".join(
-        f"{m} " + ", ".join(f"{d} {stats.fmt(out['zero_shot'][d]['animals'][m]['mean'], '.3f')}"
-                            for d in decoding.DECODERS) for m in out["heldout"])]
+    reference = [e["outside_fraction"] for e in ranges["reference"].values()]
+    lines.append(f"input range (mu_x): share of an animal's frames beyond the {ranges['quantile']:.0%} "
+                 f"quantile of the fitting frames' Mahalanobis distance (same distribution: about "
+                 f"{1 - ranges['quantile']:.0%}); flagged out of range above {ranges['flag_above']:.0%}"
+                 + (f"; a training subject left out of the fit: {min(reference):.1%} to {max(reference):.1%}"
+                    if reference else ""))
+    for group, e in ranges["groups"].items():
+        if group != "train":
+            lines.append(f"  {group}: {e['outside_fraction']:.1%} of frames outside{_range_note(e)}")
+    if "skipped" not in out["cross_modal"]:
+        e = out["cross_modal"]["linear"]["input_range"]["groups"]["heldout"]
+        lines.append(f"  mu_y (reference), heldout: {e['outside_fraction']:.1%} of frames outside"
+                     f"{_range_note(e)}")
+    for group in sorted(flagged - {"train"}):
+        lines.append(f"OUT OF RANGE, {group}: its mu_x lie outside the latents the decoders were fitted on, "
+                     "so their zero-shot R² measures extrapolation beyond the fitted inputs, not the "
+                     "information its latents carry about the behaviour")
+    scored = [*out["heldout"], *out["control"]]
+    lines.append("zero-shot R² per scored animal (raw / shrunk; frames outside the fitted range):")
+    for m in scored:
+        e = ranges["animals"][m]
+        lines.append(f"  {m}: " + ", ".join(
+            f"{d} {stats.fmt(zero[d]['animals'][m]['mean'], '.3f')} / "
+            f"{stats.fmt(zero[d]['shrunk']['animals'][m]['mean'], '.3f')}" for d in decoding.DECODERS)
+            + f"; outside {e['outside_fraction']:.1%}{_range_note(e)}")
     return lines
 
 
 def nwb_spikes(animals: dict[str, list[TrialRep]], path: str, options: dict) -> dict[str, tuple]:
-    """{animal: (spike counts (T, N) per trial, NaN where a unit was not recorded; velocity (T, D) per trial;
-    conditions)} of each animal's trials in the representations file, read from the data folders (--data or
-    the file's config) and opened as that config's data section says (bins, window, area), so that the
-    trials and bins are the model's. StatsError when they cannot be read."""
+    """{animal: (spike counts (T, N) per trial, NaN where a unit was not recorded; velocity (T, D) per trial
+    in the model's space, as extract.py stores it; conditions)} of each animal's trials in the representations
+    file, read from the data folders (--data or the file's config) and opened as that config's data section
+    says (bins, window, area), so that the trials and bins are the model's. StatsError when they cannot be
+    read."""
     cfg, paths = data_section(path, options, "the rates baseline reads spike counts")
     try:
         monkeys = {m.name: m for m in data.mice_from_config(cfg, paths)}
@@ -399,7 +459,7 @@ def nwb_spikes(animals: dict[str, list[TrialRep]], path: str, options: dict) -> 
                                    f"{', '.join(paths)}")
         m = monkeys[name]
         spikes = m.session_data.spikes[:, :, m.units]
-        out[name] = ([spikes[t.trial] for t in trials], [m.behaviour(t.trial) for t in trials],
+        out[name] = ([spikes[t.trial] for t in trials], [m.normalised_behaviour(t.trial) for t in trials],
                      np.array([t.stimulus for t in trials]))
     return out
 

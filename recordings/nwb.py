@@ -28,6 +28,10 @@ TRIALS = "/intervals/trials"
 # where it last rose through ONSET_RISE x peak before that. For a bell-shaped reach of duration D this
 # lags the true start by ~0.09 D (about 25 ms for a 300 ms reach).
 ONSET_DETECT, ONSET_RISE = 0.5, 0.1
+# The one behaviour space of NWB monkeys: what the model sees, and what extract.py stores (reps.py).
+# Scale-free, so the velocity's unit in the file (mm/s, cm/s, m/s, whatever its unit attribute says) never
+# matters.
+BEHAVIOUR_SPACE = "velocity / session RMS speed (train tier)"
 
 
 @dataclass
@@ -336,8 +340,9 @@ class Monkey:
     Trials are the successful ones of open_session, each `bins` long. Tiers: every ORACLE_EVERY-th trial of
     each condition (in trial order) is "oracle", the rest "train" -- Sensorium's name for repeated stimuli
     held out of training, so that validation and the stats scripts score both kinds of data the same way.
-    The stimulus is the velocity (bins, D) divided by one scale per session (the RMS speed over the
-    train tier; unsupervised, so a held-out monkey's comes from its own kinematics); responses are spike
+    The stimulus is the velocity (bins, D) divided by one scale per session, behaviour_scale (the RMS speed
+    over the train tier, in the file's values; unsupervised, so a held-out monkey's comes from its own
+    kinematics): BEHAVIOUR_SPACE, which no unit attribute, right or wrong, can change; responses are spike
     counts per bin. A unit not observed over a bin (NaN in the Session) is given its mean count over the
     train tier there and flagged in observed(), so that the Poisson loss leaves it out."""
 
@@ -373,6 +378,7 @@ class Monkey:
         self.behaviour_scale = float(np.sqrt(np.mean(np.sum(v ** 2, -1)))) or 1.0
         self._stimulus = (s.velocity / self.behaviour_scale).astype(np.float32)
         self.behaviour_dim = s.velocity.shape[-1]
+        self.behaviour_space, self.behaviour_unit = BEHAVIOUR_SPACE, s.behaviour_unit
         self.coords, self.hidden_tiers = None, []
 
     def __repr__(self) -> str:
@@ -406,8 +412,14 @@ class Monkey:
         return str(self.session_data.condition[int(i)])
 
     def behaviour(self, i: int) -> np.ndarray:
-        """Trial i's velocity (bins, D) in the file's units (behaviour_unit), not normalised."""
+        """Trial i's velocity (bins, D) in the file's values (after its conversion; in the unit the file
+        states, behaviour_unit, if that is right), not normalised."""
         return self.session_data.velocity[int(i)]
+
+    def normalised_behaviour(self, i: int) -> np.ndarray:
+        """Trial i's velocity (bins, D) float32 in BEHAVIOUR_SPACE: the model's input, behaviour(i) /
+        behaviour_scale. What extract.py stores and every decoder is fitted on."""
+        return self._stimulus[int(i)]
 
     def observed(self, i: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(T, N) bool: the unit was recorded over the bin."""

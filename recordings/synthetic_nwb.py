@@ -44,6 +44,37 @@ class NWBSynthSpec:
     # units are also tuned to speed regardless of direction (Moran & Schwartz 1999)
     speed_anisotropy: float = 0.25
     speed_axis_deg: float = 60.0
+    # The second family ("monkey2") breaks what the first shares; each default below is the first family's,
+    # so that it is written byte for byte as before. All their draws come from a stream of their own.
+    # pd_density_mode "per_monkey": each monkey draws its own density, a1, a2 ~ U(0, pd_amplitude_max) and
+    # axes m1, m2 ~ U(0, 360) deg (uniform to bimodal, no axis shared between monkeys)
+    pd_density_mode: str = "shared"
+    pd_amplitude_max: float = 0.8
+    lead_ms_range: tuple[float, float] | None = None   # per-unit lead ~ U(lo, hi) ms instead of lead_ms
+    turnover: float = 0.0             # fraction of units replaced by new ones (new tuning, new baseline) in
+                                      # each later session of a monkey, on the replaced unit's electrode
+    baseline_hz: tuple[float, float] = (4.0, 20.0)     # baseline rates ~ U(lo, hi) Hz
+    isi_shape: float = 1.0            # gamma-ISI renewal process of this shape (time rescaling) (1: Poisson)
+    # units the velocity (and position) values are stored in, cycling over the files in writing order;
+    # () : 000688 files in cm/s with conversion 10 to mm/s, MC_Maze files in mm/s (the first family)
+    velocity_units: tuple[str, ...] = ()
+    # the unit attribute written, cycling over the files: "" the true one; else this string with conversion
+    # 1, whatever the values' scale (real MC_Maze files say "m" over values on the mm scale)
+    unit_attribute: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        problems = [f"pd_density_mode {self.pd_density_mode!r} (shared | per_monkey)"
+                    for _ in [0] if self.pd_density_mode not in ("shared", "per_monkey")]
+        problems += [f"velocity unit {u!r} ({' | '.join(UNIT_SCALE)})" for u in self.velocity_units
+                     if u not in UNIT_SCALE]
+        problems += [f"{k} {v}" for k, v, ok in (("isi_shape", self.isi_shape, self.isi_shape > 0),
+                                                  ("turnover", self.turnover, 0 <= self.turnover <= 1))
+                     if not ok]
+        if problems:
+            raise ValueError("NWBSynthSpec: " + "; ".join(problems))
+
+
+UNIT_SCALE = {"mm/s": 1.0, "cm/s": 0.1, "m/s": 0.001}     # stored value = velocity in mm/s x this
 
 
 NWB_SYNTH_PRESETS = {
@@ -56,6 +87,14 @@ NWB_SYNTH_PRESETS = {
                             ("M", "688", 60, ("M1",), "heldout"),
                             ("T", "688", 40, ("M1", "PMd"), "control"))),
 }
+# the second family: the same monkeys, roles and sizes, without what lets an identity-free encoder read the
+# reach direction (its own PD density per monkey, peak speed independent of direction), with unit-specific
+# leads, a third of the units replaced between sessions, low rates, renewal spiking more regular than
+# Poisson, and files that store the velocity in different units, some with a wrong unit attribute
+NWB_SYNTH_PRESETS["monkey2"] = dict(
+    NWB_SYNTH_PRESETS["monkey"], sessions=2, pd_density_mode="per_monkey", pd_amplitude_max=0.8,
+    speed_anisotropy=0.0, lead_ms_range=(0.0, 150.0), turnover=0.3, baseline_hz=(1.0, 8.0), isi_shape=3.0,
+    velocity_units=("mm/s", "cm/s", "m/s"), unit_attribute=("", "m/s"))
 LATENT_K = 5                          # (vx, vy, prep_x, prep_y, speed), each ~unit peak
 
 
@@ -84,7 +123,9 @@ def write_synthetic_nwb(root: str, preset: str = "monkey", seed: int = 0, **over
     Model: per trial the latent z = reach_latent(t - onset, direction); velocity (mm/s) = peak speed x gain
     x z[:2]; unit n of monkey m, session s: rate = exp(b_n + drift_b_n s + (1 + drift_g_n s) c_n . z(t +
     lead)) with c_n from the shared preferred-direction density (_tuning; the control monkey's z uses a random
-    direction per trial); spikes Poisson at that rate."""
+    direction per trial); spikes Poisson at that rate. The second family ("monkey2") changes this per
+    NWBSynthSpec's knobs: the density per monkey, a lead per unit, units replaced between sessions, gamma
+    renewal spiking, velocity stored in other units under possibly wrong unit attributes."""
     spec = synthetic_spec(NWBSynthSpec, NWB_SYNTH_PRESETS, preset, overrides)
     return write_new_folder(root, lambda tmp: _write_all(tmp, spec, preset, seed))
 
@@ -98,18 +139,36 @@ def _write_all(out: str, spec: NWBSynthSpec, preset: str, seed: int) -> list[str
     truth["latent_t"] = t_lat
     for m, (name, layout, n_units, areas, role) in enumerate(spec.monkeys):
         rng = np.random.default_rng([seed, m])
-        neurons = dict(b=np.log(rng.uniform(4, 20, n_units)), c=_tuning(rng, n_units, spec),
-                       drift_b=rng.normal(0, spec.drift, n_units), drift_g=rng.normal(0, spec.drift, n_units),
-                       area=np.array([areas[i % len(areas)] for i in rng.permutation(n_units)]))
-        info[name] = {"layout": layout, "role": role, "units": n_units, "areas": list(areas), "files": []}
+        extra = np.random.default_rng([seed, m, 0])        # the second family's draws: rng's stream unchanged
+        density = (tuple(spec.pd_density) if spec.pd_density_mode == "shared" else
+                   (float(extra.uniform(0, spec.pd_amplitude_max)), float(extra.uniform(0, 360)),
+                    float(extra.uniform(0, spec.pd_amplitude_max)), float(extra.uniform(0, 360))))
+        b = np.log(rng.uniform(*spec.baseline_hz, n_units))
+        turn = np.radians(rng.normal(0, spec.pd_jitter_deg))
+        pool = dict(b=b, c=_tuning(rng, n_units, density, turn),
+                    drift_b=rng.normal(0, spec.drift, n_units), drift_g=rng.normal(0, spec.drift, n_units),
+                    area=np.array([areas[i % len(areas)] for i in rng.permutation(n_units)]),
+                    lead=(np.full(n_units, float(spec.lead_ms)) if spec.lead_ms_range is None
+                          else extra.uniform(*spec.lead_ms_range, n_units)))
+        slots = _unit_slots(pool, n_units, spec, extra, density, turn)
+        info[name] = {"layout": layout, "role": role, "units": n_units, "areas": list(areas), "files": [],
+                      "pd_density": list(density), "pd_turn_deg": float(np.degrees(turn)),
+                      "velocity_units": [], "unit_attribute": []}
         for s in range(spec.sessions):
             rel = (f"sub-{name}/sub-{name}_ses-CO-2024010{s + 1}_behavior+ecephys.nwb" if layout == "688"
                    else f"sub-{name}/sub-{name}_ses-full{s + 1}_desc-train_behavior+ecephys.nwb")
             os.makedirs(os.path.join(out, f"sub-{name}"), exist_ok=True)
-            arrays = _write_session(os.path.join(out, rel), spec, name, layout, role, s, neurons,
-                                    theta_c, np.random.default_rng([seed, m, s + 1]))
+            units = {k: v[slots[s]] for k, v in pool.items()}
+            stored = _stored_units(spec, len(files))
+            arrays = _write_session(os.path.join(out, rel), spec, name, layout, role, s, units,
+                                    theta_c, np.random.default_rng([seed, m, s + 1]), stored)
+            arrays.update(unit_identity=slots[s], lead_ms=units["lead"],
+                          log_baseline=units["b"] + units["drift_b"] * s,
+                          tuning=(1 + units["drift_g"][:, None] * s) * units["c"])
             truth.update({f"{rel}/{k}": v for k, v in arrays.items()})
             info[name]["files"].append(rel)
+            info[name]["velocity_units"].append(stored[0])
+            info[name]["unit_attribute"].append(stored[1])
             files.append(rel)
     os.makedirs(os.path.join(out, TRUTH_DIR))
     save_npz(os.path.join(out, TRUTH_DIR, "truth.npz"), truth)
@@ -121,19 +180,52 @@ def _write_all(out: str, spec: NWBSynthSpec, preset: str, seed: int) -> list[str
     return files
 
 
-def _tuning(rng: np.random.Generator, n: int, spec: NWBSynthSpec) -> np.ndarray:
+def _unit_slots(pool: dict, n: int, spec: NWBSynthSpec, rng: np.random.Generator, density: tuple,
+                turn: float) -> list[np.ndarray]:
+    """Which unit of `pool` each of a monkey's n recorded units is in every session: session 0 records units
+    0..n-1; each later session replaces round(turnover n) of the previous session's units (chosen at random)
+    by new ones appended to pool (in place): new baseline, tuning (same density), drift and lead; same
+    electrode, so same area."""
+    slots = [np.arange(n)]
+    k = int(round(spec.turnover * n))
+    for _ in range(1, spec.sessions):
+        current = slots[-1].copy()
+        if k:
+            replaced = rng.choice(n, k, replace=False)
+            new = dict(b=np.log(rng.uniform(*spec.baseline_hz, k)), c=_tuning(rng, k, density, turn),
+                       drift_b=rng.normal(0, spec.drift, k), drift_g=rng.normal(0, spec.drift, k),
+                       area=pool["area"][current[replaced]],
+                       lead=(np.full(k, float(spec.lead_ms)) if spec.lead_ms_range is None
+                             else rng.uniform(*spec.lead_ms_range, k)))
+            current[replaced] = len(pool["b"]) + np.arange(k)
+            for key, v in new.items():
+                pool[key] = np.concatenate([pool[key], v])
+        slots.append(current)
+    return slots
+
+
+def _stored_units(spec: NWBSynthSpec, index: int) -> tuple[str, str]:
+    """(unit the velocity values are stored in, unit attribute written) of the index-th file; ("", "") for
+    the first family's fixed units."""
+    if not spec.velocity_units:
+        return "", ""
+    unit = spec.velocity_units[index % len(spec.velocity_units)]
+    said = spec.unit_attribute[index % len(spec.unit_attribute)] if spec.unit_attribute else ""
+    return unit, said or unit
+
+
+def _tuning(rng: np.random.Generator, n: int, density: tuple, turn: float) -> np.ndarray:
     """(n, LATENT_K) tuning vectors: unit n drives with gain_v (cos phi, sin phi) on the velocity latent,
-    gain_p (cos phi', sin phi') on the preparatory one and N(0.5, 0.5) on the speed, phi from the shared PD
-    density (rejection sampling, turned by this monkey's jitter), phi' = phi + N(0, 30 deg), gains
+    gain_p (cos phi', sin phi') on the preparatory one and N(0.5, 0.5) on the speed, phi from the PD density
+    (a1, m1 deg, a2, m2 deg) turned by `turn` rad (rejection sampling), phi' = phi + N(0, 30 deg), gains
     Gamma(4, 3/8) (mean 1.5)."""
-    a1, m1, a2, m2 = spec.pd_density
-    turn = np.radians(rng.normal(0, spec.pd_jitter_deg))
+    a1, m1, a2, m2 = density
     phi = np.empty(0)
     while len(phi) < n:
         cand = rng.uniform(0, 2 * np.pi, 4 * n)
         angle = cand - turn
-        density = 1 + a1 * np.cos(angle - np.radians(m1)) + a2 * np.cos(2 * (angle - np.radians(m2)))
-        phi = np.concatenate([phi, cand[rng.uniform(0, 1 + abs(a1) + abs(a2), 4 * n) < density]])
+        d = 1 + a1 * np.cos(angle - np.radians(m1)) + a2 * np.cos(2 * (angle - np.radians(m2)))
+        phi = np.concatenate([phi, cand[rng.uniform(0, 1 + abs(a1) + abs(a2), 4 * n) < d]])
     phi = phi[:n]
     phi_prep = phi + rng.normal(0, np.radians(30), n)
     gain_v, gain_p = rng.gamma(4, 0.375, n), rng.gamma(4, 0.375, n)
@@ -168,7 +260,8 @@ def _latent_on(grid: np.ndarray, onset: np.ndarray, theta: np.ndarray, gain: np.
     return z
 
 
-def _write_session(path, spec, name, layout, role, s, neurons, theta_c, rng) -> dict[str, np.ndarray]:
+def _write_session(path, spec, name, layout, role, s, neurons, theta_c, rng,
+                   stored: tuple[str, str]) -> dict[str, np.ndarray]:
     n = spec.trials
     success = rng.random(n) >= spec.fail_fraction
     success[0] = True
@@ -186,15 +279,19 @@ def _write_session(path, spec, name, layout, role, s, neurons, theta_c, rng) -> 
     # spikes: the control monkey's neurons follow a random direction per trial, not the condition
     theta_spk = rng.uniform(0, 2 * np.pi, n) if role == "control" else theta_c[cond]
     grid = np.arange(0, end, spec.spike_dt)
-    z = _latent_on(grid + spec.lead_ms / 1000, ev["onset"], theta_spk, gain, spec)
+    per_unit = spec.lead_ms_range is not None
+    z = _latent_on(grid + (0.0 if per_unit else spec.lead_ms / 1000), ev["onset"], theta_spk, gain, spec)
     half = np.zeros(len(neurons["b"]), bool)
     half[rng.choice(len(half), spec.partial_units, replace=False)] = True
     spikes, obs = [], []
     for u in range(len(half)):
-        drive = (neurons["b"][u] + neurons["drift_b"][u] * s
-                 + (1 + neurons["drift_g"][u] * s) * z @ neurons["c"][u])
-        counts = rng.poisson(np.exp(drive) * spec.spike_dt)
-        st = np.sort(np.repeat(grid, counts) + rng.random(counts.sum()) * spec.spike_dt)
+        if per_unit:                  # this unit's own lead: its drive at t is the latent at t + lead
+            tuned = np.interp(grid + neurons["lead"][u] / 1000, grid, z @ neurons["c"][u])
+            drive = neurons["b"][u] + neurons["drift_b"][u] * s + (1 + neurons["drift_g"][u] * s) * tuned
+        else:                         # (the first family's expression, operation for operation)
+            drive = (neurons["b"][u] + neurons["drift_b"][u] * s
+                     + (1 + neurons["drift_g"][u] * s) * z @ neurons["c"][u])
+        st = _spike_train(rng, np.exp(drive), grid, spec.spike_dt, spec.isi_shape)
         stop = end / 2 if half[u] else end
         spikes.append(st[st < stop])
         obs.append([0.0, stop])
@@ -221,20 +318,28 @@ def _write_session(path, spec, name, layout, role, s, neurons, theta_c, rng) -> 
         tr["id"] = np.arange(n)
         for k in ("start_time", "stop_time", "target_on_time", "go_cue_time"):
             tr[k] = ev[k]
+        unit, said = stored
+        scale = UNIT_SCALE[unit] if unit else 1.0
         if layout == "688":
             tr["target_id"] = cond
             tr["target_dir"] = np.degrees(theta_c[cond])
             failed = np.where(rng.random(n) < 0.5, "A", "F")
             tr.create_dataset("result", data=np.where(success, "R", failed).astype(object),
                               dtype=h5py.string_dtype())
-            # stored in cm(/s) with conversion 10 -> mm(/s); position also with an offset
             beh = f.create_group(BEHAVIOR.lstrip("/"))
             cp = beh.create_group("Position/cursor_pos")
-            d = cp.create_dataset("data", data=((pos + 5.0) / 10).astype(np.float32))
-            d.attrs.update(conversion=10.0, offset=-5.0, unit="mm")
-            cp["timestamps"] = bt
-            d = beh.create_dataset("Velocity/cursor_vel/data", data=(vel / 10).astype(np.float32))
-            d.attrs.update(conversion=10.0, offset=0.0, unit="mm/s")
+            if unit:                  # in `unit`, conversion 1, the attribute `said` (maybe wrong)
+                d = cp.create_dataset("data", data=(pos * scale).astype(np.float32))
+                d.attrs.update(conversion=1.0, offset=0.0, unit=said.removesuffix("/s"))
+                cp["timestamps"] = bt
+                d = beh.create_dataset("Velocity/cursor_vel/data", data=(vel * scale).astype(np.float32))
+                d.attrs.update(conversion=1.0, offset=0.0, unit=said)
+            else:                     # stored in cm(/s) with conversion 10 -> mm(/s); position with an offset
+                d = cp.create_dataset("data", data=((pos + 5.0) / 10).astype(np.float32))
+                d.attrs.update(conversion=10.0, offset=-5.0, unit="mm")
+                cp["timestamps"] = bt
+                d = beh.create_dataset("Velocity/cursor_vel/data", data=(vel / 10).astype(np.float32))
+                d.attrs.update(conversion=10.0, offset=0.0, unit="mm/s")
         else:
             tr["move_onset_time"] = ev["onset"]
             tr["success"] = success
@@ -242,11 +347,31 @@ def _write_session(path, spec, name, layout, role, s, neurons, theta_c, rng) -> 
             tr.create_dataset("split", data=np.full(n, "train", object), dtype=h5py.string_dtype())
             un["heldout"] = np.zeros(len(half), bool)
             beh = f.create_group(BEHAVIOR.lstrip("/"))
-            d = beh.create_dataset("hand_vel/data", data=vel.astype(np.float32))
-            d.attrs.update(conversion=1.0, unit="mm/s")
+            d = beh.create_dataset("hand_vel/data", data=(vel * scale if unit else vel).astype(np.float32))
+            d.attrs.update(conversion=1.0, unit=said or "mm/s")
             beh["hand_vel/timestamps"] = bt
-            d = beh.create_dataset("hand_pos/data", data=pos.astype(np.float32))
-            d.attrs.update(conversion=1.0, unit="mm")
+            d = beh.create_dataset("hand_pos/data", data=(pos * scale if unit else pos).astype(np.float32))
+            d.attrs.update(conversion=1.0, unit=said.removesuffix("/s") or "mm")
             beh.create_dataset("hand_pos/starting_time", data=0.0).attrs["rate"] = spec.behaviour_hz
     return dict(condition=cond, success=success, onset=ev["onset"], gain=gain, spike_direction=theta_spk,
                 partial_units=np.flatnonzero(half))
+
+
+def _spike_train(rng: np.random.Generator, rate: np.ndarray, grid: np.ndarray, dt: float,
+                 shape: float) -> np.ndarray:
+    """Sorted spike times from a rate (Hz) held constant over each step [grid_i, grid_i + dt). shape 1: an
+    inhomogeneous Poisson process (counts per step, times uniform inside it); otherwise a gamma renewal
+    process by time rescaling: intervals Gamma(shape, 1 / shape) (mean 1, CV 1 / sqrt(shape)) in rescaled
+    time L(t) = integral of the rate, mapped back through L^-1 (piecewise linear). The first event is the
+    first interval from 0, not from the stationary distribution: the process starts renewed at time 0."""
+    if shape == 1:
+        counts = rng.poisson(rate * dt)
+        return np.sort(np.repeat(grid, counts) + rng.random(counts.sum()) * dt)
+    cum = np.concatenate([[0.0], np.cumsum(rate * dt)])
+    edges = np.concatenate([grid, [grid[-1] + dt]])
+    total = cum[-1]
+    tau = np.cumsum(rng.gamma(shape, 1 / shape, int(total + 6 * np.sqrt(total) + 20)))
+    while tau[-1] < total:
+        more = rng.gamma(shape, 1 / shape, int(np.sqrt(total)) + 20)
+        tau = np.concatenate([tau, tau[-1] + np.cumsum(more)])
+    return np.interp(tau[tau < total], cum, edges)
