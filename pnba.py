@@ -295,8 +295,11 @@ class NeuralProjector(nn.Module):
             self.slot_out = nn.Linear(d, C)
         if cfg.state_input in ("encoder", "both"):
             # the recorded behavioural state of each frame, added to every slot: what the encoder needs to
-            # tell a response change the state explains from one the stimulus does
+            # tell a response change the state explains from one the stimulus does. Zero at the start: a
+            # random projection of a private state would swamp the neural signal before anything is learned
             self.state_embed = nn.Linear(cfg.state_dim, C)
+            nn.init.zeros_(self.state_embed.weight)
+            nn.init.zeros_(self.state_embed.bias)
         self.norm1 = group_norm(C)
         self.resblock1 = ResBlock(C, C, cfg.proj_dropout)
         self.atten = SelfAttention(C)

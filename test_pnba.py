@@ -3205,8 +3205,12 @@ def test_state_reaches_the_readout_and_the_encoder_only_where_configured():
     for where in ("none", "readout", "encoder", "both"):
         model = build(state_input=where).eval()
         with torch.no_grad():
+            # zero at the start: the state changes nothing until trained
             for p in model.neural_readout.state.values() if hasattr(model.neural_readout, "state") else ():
-                p.normal_()          # zero at the start: the state changes nothing until trained
+                p.normal_()
+            if hasattr(model.neural_projector, "state_embed"):
+                assert not model.neural_projector.state_embed.weight.any()
+                model.neural_projector.state_embed.weight.normal_()
             z = model.encode(r, v).mu_p
             moved_x = not torch.allclose(model.encode(r, state=state).mu_x, model.encode(r).mu_x)
             rate, rate_with_state = (model.decode_responses(z, "m1", s) for s in (None, state))
@@ -3264,3 +3268,356 @@ def test_train_help_tells_the_presets_inputs_and_every_override(capsys):
     assert train.train(["--help-config"]) is None
     listed = capsys.readouterr().out
     assert all(f"--{key} " in listed for key in config.valid_keys())
+
+
+# ==================================================================================================
+# the second synthetic family ("filters", preset demo2) and the identity-free summary baseline
+# ==================================================================================================
+
+FILTERS_MICE = (("dynamic90201-1-1", 26, "old"), ("dynamic90205-2-2", 34, "old"),
+                ("dynamic90206-4-1", 30, "new"), ("dynamic90207-1-3", 22, "control"))
+FILTERS_SMALL = dict(mice=FILTERS_MICE, heldout=("dynamic90205-2-2", "dynamic90206-4-1"), family="filters",
+                     n_oracle_videos=3, oracle_repeats=4)
+
+
+@pytest.fixture(scope="session")
+def filters(tmp_path_factory):
+    """A small dataset of the "filters" family (tiny sizes): (root, opened mice by name, truth)."""
+    root = str(tmp_path_factory.mktemp("synth") / "filters")
+    paths = data.write_synthetic(root, "tiny", seed=0, **FILTERS_SMALL)
+    return root, {m.name: m for m in data.open_mice(paths)}, data.read_synthetic_truth(root)
+
+
+def synthetic_zeroshot(root, pairs=None, methods=("summary", "pca"), n_perm=200, seed=0):
+    """baselines.zeroshot on a dataset written by write_synthetic, every trial with responses labelled by the
+    truth's stimulus id: {method: [stats.result() entry per pair]}. pairs default: the held-out pair, then
+    each held-out animal with each control (README "The second synthetic family" measures knobs with it)."""
+    truth = data.read_synthetic_truth(root)
+    if pairs is None:
+        a, b = truth["heldout"][:2]
+        pairs = [(a, b)] + [(h, c) for h in (a, b) for c in truth["control"]]
+    mice = {m.name: m for m in data.open_mice([root])}
+    sessions = {}
+    for name in sorted({n for p in pairs for n in p}):
+        m, stim = mice[name], truth["arrays"][f"{name}/stimulus_of_trial"]
+        trials = [TrialRep(name, str(m.tiers[i]), int(i), int(stim[i]), m.valid_frames(i), False)
+                  for i in m.trials(hidden=False)]
+        sessions[name] = baselines.mouse_session(m, trials)
+    out = baselines.zeroshot(sessions, pairs, list(methods), n_perm, seed)
+    return {method: out["methods"][method]["pairs"] for method in methods}
+
+
+def test_filters_family_reads_back_pairs_and_is_byte_stable(filters, tmp_path):
+    root, mice, truth = filters
+    arrays = truth["arrays"]
+    assert sorted(mice) == sorted(truth["mice"]) and truth["spec"]["family"] == "filters"
+    assert len(truth["heldout"]) == 2 and len(truth["control"]) == 1 and len(truth["train"]) == 1
+    check_pairing(root, list(mice.values()), truth)
+    for name, m in mice.items():
+        stim, state = arrays[f"{name}/stimulus_of_trial"], arrays[f"{name}/state_of_trial"]
+        assert m.hidden_tiers == truth["mice"][name]["hidden_tiers"] and m.coords.shape == (m.n_neurons, 3)
+        assert np.array_equal(m.trials(), np.flatnonzero(stim >= 0)) and state.shape == (len(stim), 48)
+        assert arrays[f"{name}/rf_centre"].shape == (m.n_neurons, 2)
+        for i in m.trials():
+            T = int(arrays["stimulus_frames"][stim[i]])
+            r = m.raw(i)
+            assert m.valid_frames(i) == T and r["videos"].shape == (36, 64, T)
+            assert r["behavior"].shape == (2, 52)
+            assert np.isfinite(r["behavior"]).all() and np.isfinite(state[i, :T]).all()
+            assert np.isnan(np.load(os.path.join(m.path, f"data/pupil_center/{i}.npy"))[:, T:]).all()
+    again = data.write_synthetic(str(tmp_path / "again"), "tiny", seed=0, **FILTERS_SMALL)
+    assert tree_bytes(str(tmp_path / "again")) == tree_bytes(root) and len(again) == 4
+    demo, demo2 = data.SYNTH_PRESETS["demo"], data.SYNTH_PRESETS["demo2"]
+    assert demo2["family"] == "filters" and [p[:12] for p, _, _ in demo2["mice"]] == \
+        [f"dynamic902{k:02d}" for k in range(1, 8)]
+    assert [(n, k) for _, n, k in demo2["mice"]] == [(n, k) for _, n, k in demo["mice"]]
+    assert {k: v for k, v in demo2.items() if k not in ("mice", "heldout", "family")} == \
+        {k: v for k, v in demo.items() if k not in ("mice", "heldout")}
+
+
+def test_latent_family_is_the_default_byte_for_byte(tmp_path):
+    kw = dict(mice=TINY_TWO, heldout=(), video_jitter=1)
+    data.write_synthetic(str(tmp_path / "default"), "tiny", seed=4, **kw)
+    data.write_synthetic(str(tmp_path / "latent"), "tiny", seed=4, family="latent", **kw)
+    assert tree_bytes(str(tmp_path / "latent")) == tree_bytes(str(tmp_path / "default"))
+    with pytest.raises(ValueError, match="family"):
+        data.write_synthetic(str(tmp_path / "bad"), "tiny", family="other")
+
+
+def state_correlation(mice, truth):
+    """Over every frame of the driven mice's trials: r(population mean of the normalised responses, running
+    speed), and r(pupil dilation, the true state), each mouse's own, averaged over the mice."""
+    run, pupil = [], []
+    for name in truth["train"] + truth["heldout"]:
+        m, state = mice[name], truth["arrays"][f"{name}/state_of_trial"]
+        rows = []
+        for i in m.trials(hidden=False):
+            responses, behavior = m.normalised(i)[1].numpy(), m.raw(i)["behavior"]
+            T = len(responses)
+            rows.append(np.stack([responses.mean(1), behavior[1, :T], behavior[0, :T], state[i, :T]]))
+        x = np.concatenate(rows, axis=1)
+        run.append(np.corrcoef(x[0], x[1])[0, 1])
+        pupil.append(np.corrcoef(x[2], x[3])[0, 1])
+    return float(np.mean(run)), float(np.mean(pupil))
+
+
+def test_filters_state_is_in_the_files_and_modulates_responses(filters, tmp_path):
+    _, mice, truth = filters
+    run, pupil = state_correlation(mice, truth)
+    assert run > 0.2 and pupil > 0.9, (run, pupil)
+    root = str(tmp_path / "no_state")
+    paths = data.write_synthetic(root, "tiny", seed=0, **{**FILTERS_SMALL, "state_strength": 0.0})
+    run, pupil = state_correlation({m.name: m for m in data.open_mice(paths)},
+                                   data.read_synthetic_truth(root))
+    assert abs(run) < 0.1 and pupil > 0.9, (run, pupil)
+
+
+def repeat_reliability(m, truth):
+    """Correlation over frames between two repeats of one oracle video, per neuron, averaged over neurons and
+    repeat pairs; each frame first centred over all the mouse's full-length trials (removes the time course
+    that every trial shares, e.g. the onset transient)."""
+    stim = truth["arrays"][f"{m.name}/stimulus_of_trial"]
+    T = int(truth["arrays"]["stimulus_frames"].max())
+    trials = [int(i) for i in m.trials(hidden=False) if m.valid_frames(i) == T]
+    responses = {i: m.normalised(i)[1].numpy().astype(np.float64) for i in trials}
+    mean = np.mean(list(responses.values()), axis=0)
+    rs = []
+    for s in np.unique(stim[m.trials("oracle")]):
+        reps = [responses[i] - mean for i in np.flatnonzero(stim == s)]
+        for a in range(len(reps)):
+            for b in range(a + 1, len(reps)):
+                x, y = reps[a] - reps[a].mean(0), reps[b] - reps[b].mean(0)
+                rs.append(np.nanmean((x * y).sum(0) / np.sqrt((x ** 2).sum(0) * (y ** 2).sum(0))))
+    return float(np.mean(rs))
+
+
+def test_filters_stimulus_drives_the_mice_but_not_the_control(filters):
+    _, mice, truth = filters
+    for name in truth["train"] + truth["heldout"]:
+        assert repeat_reliability(mice[name], truth) > 0.12, name
+    for name in truth["control"]:
+        assert abs(repeat_reliability(mice[name], truth)) < 0.08, name
+
+
+def test_summary_baseline_and_the_control(filters):
+    root, _, truth = filters
+    out = synthetic_zeroshot(root, methods=("summary",))["summary"]
+    heldout, controls = out[0], out[1:]
+    assert {heldout["a"], heldout["b"]} == set(truth["heldout"]) and np.isfinite(heldout["cohens_d"])
+    assert heldout["n_paired"] > 0 and len(controls) == 2
+    assert all(c["perm_p"] > 0.05 and abs(c["cohens_d"]) < 0.5 for c in controls), controls
+
+
+# ---------------------------------------------------------------------------------------------
+# The second synthetic monkey family (monkey2), one velocity unit, honest zero-shot decoding reports
+# ---------------------------------------------------------------------------------------------
+
+def _monkey2(root, **overrides):
+    """A small monkey2 set: A (000688) and B (MC_Maze) trained on, M held out, 2 sessions of 40 trials."""
+    kw = dict(monkeys=(("A", "688", 40, ("M1", "PMd"), "train"), ("B", "maze", 30, ("M1",), "train"),
+                       ("M", "688", 30, ("M1",), "heldout")), trials=40)
+    synthetic_nwb.write_synthetic_nwb(str(root), "monkey2", seed=3, **{**kw, **overrides})
+    return data.read_synthetic_truth(str(root))
+
+
+def _isi_cv(path):
+    with h5py.File(path) as f:
+        times, ends = f["units/spike_times"][()], f["units/spike_times_index"][()]
+    return np.median([np.std(np.diff(t)) / np.mean(np.diff(t)) for t in np.split(times, ends[:-1])
+                      if len(t) > 20])
+
+
+def test_monkey2_breaks_the_first_family_s_assumptions(tmp_path):
+    truth = _monkey2(tmp_path / "m2")
+    files = [str(tmp_path / "m2" / f) for f in truth["files"]]
+    assert truth["spec"]["speed_anisotropy"] == 0 and truth["spec"]["turnover"] == 0.3
+    # read by the existing reader in both layouts; velocity stored in other units per file, some attributes
+    # wrong, and the model's velocity (/ the session's RMS speed) at the same scale whatever the file holds
+    sessions = [nwb.open_session(p) for p in files]
+    assert {s.layout for s in sessions} == {"688", "maze"}
+    stored = [u for m in "ABM" for u in truth["monkeys"][m]["velocity_units"]]
+    said = [u for m in "ABM" for u in truth["monkeys"][m]["unit_attribute"]]
+    assert stored == ["mm/s", "cm/s", "m/s", "mm/s", "cm/s", "m/s"] and said[1] == said[3] == "m/s"
+    rms = [float(np.sqrt((s.velocity ** 2).sum(-1).mean())) for s in sessions]
+    for r, unit in zip(rms, stored, strict=True):            # the same reaches, in mm/s, cm/s or m/s
+        assert r / synthetic_nwb.UNIT_SCALE[unit] == pytest.approx(rms[0], rel=0.1)
+    for p in files:
+        m = nwb.Monkey(p)
+        v = np.stack([m.normalised_behaviour(i) for i in m.trials("train")])
+        assert np.sqrt((v ** 2).sum(-1).mean()) == pytest.approx(1, rel=1e-4)
+    # peak speed does not depend on the reach direction
+    s = sessions[0]
+    peak = np.linalg.norm(s.velocity, axis=-1).max(1)
+    assert sps.f_oneway(*[peak[s.condition == c] for c in np.unique(s.condition)]).pvalue > 0.01
+    # turnover: 30% of a monkey's units are new in its second session (new baseline and tuning)
+    a = truth["arrays"]
+    first, second = (a[f"{f}/unit_identity"] for f in truth["monkeys"]["A"]["files"])
+    new = first != second
+    assert new.sum() == round(0.3 * 40) and second[new].min() >= 40 and np.array_equal(first, np.arange(40))
+    tuning = [a[f"{f}/tuning"] for f in truth["monkeys"]["A"]["files"]]
+    assert not np.allclose(tuning[0][new], tuning[1][new], atol=0.5)
+    # unit-specific leads in the range; low baselines
+    leads = a[f"{truth['monkeys']['A']['files'][0]}/lead_ms"]
+    assert 0 <= leads.min() and leads.max() <= 150 and leads.std() > 30
+    assert np.exp(a[f"{truth['monkeys']['A']['files'][0]}/log_baseline"]).max() <= 8
+    # renewal spiking more regular than Poisson (gamma shape 3); Poisson at the same rates is not
+    assert _isi_cv(files[0]) < 1
+    poisson = synthetic_nwb.write_synthetic_nwb(str(tmp_path / "poisson"), "monkey2", seed=3, isi_shape=1.0,
+                                                trials=40, monkeys=(("A", "688", 40, ("M1",), "train"),))
+    assert _isi_cv(poisson[0]) > 1
+
+
+def test_monkey2_preferred_direction_densities_are_each_monkey_s_own(tmp_path):
+    """Each monkey's PDs follow its own density 1 + a1 cos(phi - m1) + a2 cos(2 (phi - m2)): the first
+    circular moment of its PDs is (a1 / 2) (cos m1, sin m1); the densities differ between monkeys."""
+    kw = dict(monkeys=(("A", "688", 600, ("M1",), "train"), ("B", "688", 600, ("M1",), "train")),
+              sessions=1, trials=4, partial_units=0)
+    truth = _monkey2(tmp_path / "pd", **kw)
+    densities = [truth["monkeys"][m]["pd_density"] for m in "AB"]
+    assert densities[0] != densities[1] and all(0 <= d[0] <= 0.8 and 0 <= d[2] <= 0.8 for d in densities)
+    moments = []
+    for m, (a1, m1, _, _) in zip("AB", densities, strict=True):
+        c = truth["arrays"][f"{truth['monkeys'][m]['files'][0]}/tuning"]
+        phi = np.arctan2(c[:, 1], c[:, 0]) - np.radians(truth["monkeys"][m]["pd_turn_deg"])
+        moments.append([np.cos(phi).mean(), np.sin(phi).mean()])
+        np.testing.assert_allclose(moments[-1], a1 / 2 * np.array([np.cos(np.radians(m1)),
+                                                                    np.sin(np.radians(m1))]), atol=0.08)
+    monkey = synthetic_nwb.synthetic_spec(synthetic_nwb.NWBSynthSpec, synthetic_nwb.NWB_SYNTH_PRESETS,
+                                          "monkey", {})
+    assert monkey.pd_density_mode == "shared"
+
+
+def test_monkey_preset_bytes_unchanged_by_the_new_knobs(tmp_path):
+    """The first family, written with every new knob at its default spelled out, is byte for byte what the
+    preset writes (the knobs' draws come from a stream of their own)."""
+    small = dict(monkeys=(("A", "688", 12, ("M1", "PMd"), "train"), ("B", "maze", 9, ("M1",), "control")),
+                 trials=12)
+    defaults = dict(pd_density_mode="shared", pd_amplitude_max=0.8, lead_ms_range=None, turnover=0.0,
+                    baseline_hz=(4.0, 20.0), isi_shape=1.0, velocity_units=(), unit_attribute=())
+    a = synthetic_nwb.write_synthetic_nwb(str(tmp_path / "a"), "monkey", seed=5, **small)
+    b = synthetic_nwb.write_synthetic_nwb(str(tmp_path / "b"), "monkey", seed=5, **small, **defaults)
+    assert [open(x, "rb").read() for x in a] == [open(x, "rb").read() for x in b]
+    c = synthetic_nwb.write_synthetic_nwb(str(tmp_path / "c"), "monkey", seed=5, **small, isi_shape=2.0)
+    assert open(a[0], "rb").read() != open(c[0], "rb").read()
+    with pytest.raises(ValueError, match="velocity unit 'km/h'"):
+        synthetic_nwb.write_synthetic_nwb(str(tmp_path / "d"), "monkey", velocity_units=("km/h",))
+
+
+def _untrained_checkpoint(root, path):
+    """A monkey-preset checkpoint of an untrained PNBA for the sessions under root minus the held-out M: what
+    extract.py needs, without training."""
+    cfg = config.preset("monkey")
+    cfg.data.paths = (str(root),)
+    counts = {m.name: m.n_neurons for m in data.mice_from_config(cfg.data) if m.subject != "M"}
+    torch.manual_seed(0)
+    model = pnba.PNBA(cfg.model, counts)
+    model.materialise(cfg.data.frames)
+    pnba.save_checkpoint(path, {"model": model.state_dict(), "config": config.to_dict(cfg),
+                                "neuron_counts": counts})
+
+
+def test_one_velocity_unit_whatever_the_file_stores_or_says(tmp_path, fast_training):
+    """The same sessions written in mm/s and in m/s whose attribute says mm/s: identical behaviour in
+    reps.h5 (the model's space), identical decoding R²; the scale converts back to each file's values."""
+    kw = dict(monkeys=(("A", "688", 16, ("M1",), "train"), ("B", "maze", 12, ("M1",), "train"),
+                       ("M", "688", 12, ("M1",), "heldout")), sessions=1, trials=20)
+    _monkey2(tmp_path / "mm", velocity_units=("mm/s",), unit_attribute=(), **kw)
+    _monkey2(tmp_path / "m", velocity_units=("m/s",), unit_attribute=("mm/s",), **kw)
+    _untrained_checkpoint(tmp_path / "mm", tmp_path / "ckpt.pt")
+    reps = {}
+    for units in ("mm", "m"):
+        extract.extract(str(tmp_path / "ckpt.pt"), [str(tmp_path / units)], str(tmp_path / f"{units}.h5"))
+        reps[units] = data.read_representations(str(tmp_path / f"{units}.h5"))[0]
+    for a, b in zip(reps["mm"], reps["m"], strict=True):
+        np.testing.assert_array_equal(a.arrays["mu_x"], b.arrays["mu_x"])
+        np.testing.assert_allclose(a.arrays["behaviour"], b.arrays["behaviour"], rtol=1e-5, atol=1e-6)
+        assert a.behaviour_space == b.behaviour_space == nwb.BEHAVIOUR_SPACE
+        assert a.behaviour_unit == b.behaviour_unit == "mm/s"                # one of them wrong
+        assert a.behaviour_scale == pytest.approx(1000 * b.behaviour_scale, rel=1e-5)
+    t = reps["m"][0]
+    session = nwb.open_session(glob.glob(str(tmp_path / "m" / f"sub-{t.subject}" / "*.nwb"))[0])
+    np.testing.assert_allclose(t.arrays["behaviour"] * t.behaviour_scale, session.velocity[t.trial],
+                               rtol=1e-5, atol=1e-9)
+    scores = []
+    for trials in reps.values():
+        animals = stats.by_animal(trials)
+        fit_on = sorted(m for m, ts in animals.items() if not ts[0].heldout)
+        assert fit_on and len(fit_on) < len(animals)
+
+        def per_animal(key, animals=animals):
+            return {m: [t.arrays[key] if key else t.stimulus for t in ts] for m, ts in animals.items()}
+        zero = decoding.zero_shot(per_animal("mu_x"), per_animal("behaviour"), per_animal(None), fit_on,
+                                  {"heldout": sorted(set(animals) - set(fit_on))},
+                                  spaces={m: ts[0].behaviour_space for m, ts in animals.items()})
+        scores.append([zero[d]["groups"]["heldout"]["mean"] for d in decoding.DECODERS]
+                      + [zero[d]["shrunk"]["groups"]["heldout"]["mean"] for d in decoding.DECODERS])
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)
+
+
+def test_decoding_refuses_mixed_behaviour_spaces(tmp_path, no_figures):
+    trials = reach_trials({"A": "train", "C": "heldout"}, sessions=1, per_condition=2)
+    for t in trials:
+        t.behaviour_space = "velocity / session RMS speed (train tier)" if t.subject == "A" else "file units"
+    latents = {m: [t.arrays["mu_x"] for t in trials if t.mouse == m] for m in ("A-s0", "C-s0")}
+    behaviour = {m: [t.arrays["behaviour"] for t in trials if t.mouse == m] for m in latents}
+    labels = {m: [t.stimulus for t in trials if t.mouse == m] for m in latents}
+    spaces = {"A-s0": trials[0].behaviour_space, "C-s0": "file units"}
+    with pytest.raises(decoding.BehaviourSpaceError) as e:
+        decoding.zero_shot(latents, behaviour, labels, ["A-s0"], {"heldout": ["C-s0"]}, spaces=spaces)
+    assert "\n" not in str(e.value) and str(e.value).startswith("behaviour spaces differ: A-s0")
+    out, files = run_zeroshot(trials, n_perm=10)
+    assert out["decoding"]["skipped"].startswith("decoding skipped: behaviour spaces differ")
+    # a version-2 file (behaviour in each file's units) still reads; its animals are each their own space
+    for t in trials:
+        t.behaviour_space = ""
+    data.write_representations(str(tmp_path / "v2.h5"), trials, {"modality": "behaviour"})
+    with h5py.File(tmp_path / "v2.h5", "a") as f:
+        f.attrs["version"] = 2
+    old, _ = data.read_representations(str(tmp_path / "v2.h5"))
+    assert {t.behaviour_space for t in old} == {"file units of A-s0", "file units of C-s0"}
+    out, _ = run_zeroshot(old, n_perm=10)
+    assert "behaviour spaces differ" in out["decoding"]["skipped"] and "pairs" in out
+
+
+def test_out_of_range_inputs_are_flagged():
+    rng = np.random.default_rng(0)
+    fit = {f"A{k}": [rng.normal(size=(10, 6)) for _ in range(20)] for k in range(3)}
+    same = [rng.normal(size=(10, 6)) for _ in range(20)]
+    shifted = [rng.normal(size=(10, 6)) + [4, 4, 0, 0, 0, 0] for _ in range(20)]
+    r = decoding.input_range(fit, {"same": same, "shifted": shifted}, {"heldout": ["same", "shifted"]})
+    assert r["animals"]["same"]["outside_fraction"] < 0.05 and not r["animals"]["same"]["out_of_range"]
+    assert r["animals"]["shifted"]["outside_fraction"] > 0.5 and r["animals"]["shifted"]["out_of_range"]
+    assert all(e["outside_fraction"] < 0.05 for e in r["reference"].values())
+
+
+def test_zero_shot_report_flags_out_of_range_and_keeps_no_information_near_zero(no_figures, fast_training):
+    subjects = {"A": "train", "B": "train", "E": "train", "C": "heldout", "D": "control"}
+    trials = reach_trials(subjects, seed=5)
+    for t in trials:                      # the held-out subject's latents far outside the training ones'
+        if t.subject == "C":
+            t.arrays["mu_x"] = t.arrays["mu_x"] * 4 + 3
+    out, files = run_zeroshot(trials, n_perm=10, control=["D"])
+    zero = out["decoding"]["zero_shot"]
+    assert zero["linear"]["animals"]["C-s0"]["out_of_range"] and zero["linear"]["input_range"]["groups"][
+        "heldout"]["out_of_range"]
+    assert not zero["linear"]["animals"]["D-s0"]["out_of_range"]
+    text = files["zeroshot.txt"].decode()
+    assert "OUT OF RANGE, heldout: its mu_x lie outside" in text and "C-s0: linear" in text
+    # the control's latents follow a random reach on every trial: nothing about its own behaviour. Raw
+    # predictions are confident and wrong; shrunk by their consistency across trials of a condition, not
+    for d in decoding.DECODERS:
+        assert zero[d]["groups"]["control"]["mean"] < -0.1 <= zero[d]["shrunk"]["groups"]["control"]["mean"]
+    # no information anywhere (latents unrelated to the behaviour): the decoders stay at the mean
+    rng = np.random.default_rng(1)
+    animals = stats.by_animal(trials)
+    latents = {m: [rng.normal(size=t.arrays["mu_x"].shape) for t in ts] for m, ts in animals.items()}
+    behaviour = {m: [t.arrays["behaviour"] for t in ts] for m, ts in animals.items()}
+    labels = {m: [t.stimulus for t in ts] for m, ts in animals.items()}
+    fit_on = [m for m in animals if m[0] in "ABE"]
+    zero = decoding.zero_shot(latents, behaviour, labels, fit_on, {"heldout": ["C-s0", "C-s1"],
+                                                                   "control": ["D-s0", "D-s1"]},
+                              groups={m: m[0] for m in animals})
+    assert zero["linear"]["fit"]["alpha"] >= 1e3
+    for d in decoding.DECODERS:
+        for group in ("heldout", "control"):
+            assert min(zero[d]["groups"][group]["mean"], zero[d]["shrunk"]["groups"][group]["mean"]) >= -0.1
