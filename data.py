@@ -1,4 +1,4 @@
-"""python data.py synth OUT [--preset tiny|demo|monkey] [--seed S]
+"""python data.py synth OUT [--preset tiny|demo|demo2|monkey|monkey2] [--seed S]
 python data.py check DIR_OR_FILE [...] [--json]
 
 The data layer as the scripts see it: one interface over both kinds of recording, whose parts live in
@@ -134,15 +134,29 @@ def write_synthetic_dataset(root: str, preset: str, seed: int = 0) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    synth_example = "example: python data.py synth data_synth/demo --preset demo"
+    check_example = "example: python data.py check /data/sensorium"
+    raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="data.py", description="Sensorium 2023 and NWB monkey data: synthetic "
-                                "writer, checker.")
+                                "writer, checker.", epilog=f"{synth_example}\n{check_example}",
+                                formatter_class=raw)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="write a synthetic dataset: Sensorium format (monkey: NWB)")
+    synth_help = "write a synthetic dataset: Sensorium mouse folders, or NWB files (monkey presets)"
+    s = sub.add_parser("synth", help=synth_help, description=synth_help, epilog=synth_example,
+                       formatter_class=raw)
     s.add_argument("out", help="new (or empty) folder to write")
-    s.add_argument("--preset", default="demo", choices=[*SYNTH_PRESETS, *synthetic_nwb.NWB_SYNTH_PRESETS])
-    s.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("check", help="describe mouse folders and the videos they share, or NWB files")
-    c.add_argument("dirs", nargs="+", help="mouse folders or folders holding them, or .nwb files / folders")
+    s.add_argument("--preset", default="demo", choices=[*SYNTH_PRESETS, *synthetic_nwb.NWB_SYNTH_PRESETS],
+                   help=f"Sensorium: {' | '.join(SYNTH_PRESETS)}; NWB: "
+                        f"{' | '.join(synthetic_nwb.NWB_SYNTH_PRESETS)} (default: demo)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    check_help = ("describe Sensorium mouse folders and the videos they share, or NWB files (subjects, "
+                  "sessions, trials)")
+    c = sub.add_parser("check", help=check_help, description=check_help,
+                       epilog=f"{check_example}\nexample: python data.py check data_synth/monkey --json",
+                       formatter_class=raw)
+    c.add_argument("dirs", nargs="+", metavar="DIR_OR_FILE",
+                   help="Sensorium mouse folders or a folder holding them, or .nwb files or folders holding "
+                        "them (not both kinds at once)")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)
     try:

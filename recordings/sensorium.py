@@ -173,7 +173,7 @@ class Mouse:
             missing = [i for i in self._trials if str(i) not in have]
             if missing:
                 raise DataError(f"{folder}/{missing[0]}.npy: missing, but tiers.npy says "
-                                f"{self.tiers[missing[0]]!r} ({len(missing)} missing in all)")
+                                f"{str(self.tiers[missing[0]])!r} ({len(missing)} missing in all)")
         self._shapes: dict[str, tuple] = {}
         video_shape = self._sibling_shape("videos")
         if len(video_shape) != 3:
