@@ -42,15 +42,21 @@ from pnba import PNBA
 def parse_args(argv):
     # config overrides are split off (and checked) first; they apply once the preset is known
     _, rest = config.parse_overrides(config.Config(), argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="paper", choices=list(config.PRESETS))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--neurons", type=int, default=7440)
-    parser.add_argument("--frames", type=int, default=16)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any config field is an override, e.g. --model.checkpointing true (python train.py "
+               "--help-config lists\nthem). The inputs are random, of the sizes given: no data is read.\n"
+               "example: python bench.py --preset paper --batch 2 --neurons 7440 --frames 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paper", choices=list(config.PRESETS),
+                        help=f"{' | '.join(config.PRESETS)} (default: paper)")
+    parser.add_argument("--batch", type=int, default=2, help="trials per step (default 2)")
+    parser.add_argument("--neurons", type=int, default=7440, help="neurons of the one animal (default 7440)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per trial window (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:<i>")
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3, help="timed steps, median reported (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads on --device cpu (default 2)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="print one JSON object instead of a table; with PATH, write it there")
     parser.add_argument("--kernels", action="store_true", help="benchmark kernels/ instead of the model")

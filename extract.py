@@ -137,11 +137,22 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--data", nargs="+", default=None, help="mouse folders (default: the run's own)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="config overrides that apply (the weights fix the rest):\n  "
+               + " ".join(f"--{k}" for k in EXTRACT_KEYS) + "\n"
+               "example: python extract.py --ckpt runs/RUN/last.pt\n"
+               "example: python extract.py --ckpt runs/RUN/last.pt --data /data/new_mice --out new.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (e.g. runs/RUN/last.pt)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="Sensorium mouse folders or a folder holding them, or .nwb files or folders holding "
+                        "them; animals the model never trained on are encoded zero-shot (default: the "
+                        "checkpoint's own data)")
     p.add_argument("--out", default=None, help="output HDF5 (default: reps.h5 beside the checkpoint)")
-    p.add_argument("--tiers", default=None, help="comma-separated tiers (default: every tier with responses)")
+    p.add_argument("--tiers", default=None,
+                   help="comma-separated tiers: train, oracle, or Sensorium test tiers with real responses "
+                        f"({', '.join(data.TEST_TIERS)}) (default: every tier with responses)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:<i> (same as --run.device)")
     args, rest = p.parse_known_args(argv)
     tiers = [t for t in args.tiers.split(",") if t] if args.tiers else None

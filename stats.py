@@ -723,18 +723,21 @@ def json_bytes(obj) -> bytes:
 
 
 def run_cli(doc: str, argv: list[str] | None, analyse: Callable[[list, str, int, int], dict[str, bytes]],
-            read: Callable, read_errors: tuple[type[Exception], ...] = ()) -> int:
+            read: Callable, read_errors: tuple[type[Exception], ...] = (),
+            parents: tuple[argparse.ArgumentParser, ...] = (), epilog: str | None = None) -> int:
     """Shared CLI: parse [reps.h5] [--out DIR] [--permutations N] [--seed S], check the output folder is
     writable, read and check the trials with `read`, run analyse(trials, path, n_perm, seed) -> {file
-    name: content}, write the files.
+    name: content}, write the files. parents: argparse parents (add_help=False) whose options the script
+    parses itself, so that --help lists them too; epilog: the end of --help (an "example:" line).
 
     A StatsError, a config.ConfigError (a `--section.field` key: none applies, the representations file
     fixes them; an output folder that cannot be written) or one of `read_errors` (the reader's own) becomes
     one stderr line and exit 2.
     """
-    parser = argparse.ArgumentParser(description=doc,
+    parser = argparse.ArgumentParser(description=doc, epilog=epilog, parents=list(parents),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("reps", nargs="?", help="representations file (default: newest runs/*/reps.h5)")
+    parser.add_argument("reps", nargs="?", help="representations file written by extract.py "
+                                                "(default: newest runs/*/reps.h5)")
     parser.add_argument("--out", help="output folder (default: the folder of the representations file)")
     parser.add_argument("--permutations", type=int, default=1000, help="stimulus relabellings (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")

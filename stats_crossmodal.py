@@ -99,7 +99,8 @@ def identify(animals: dict[str, list]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stats.run_cli(__doc__, argv, analyse, data.read_representations, (data.DataError,))
+    return stats.run_cli(__doc__, argv, analyse, data.read_representations, (data.DataError,),
+                         epilog="example: python stats_crossmodal.py runs/RUN/reps.h5 --out results/")
 
 
 if __name__ == "__main__":

@@ -575,14 +575,26 @@ def baseline_section(animals: dict[str, list], sessions: dict[str, baselines.Ses
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(add_help=False)      # the baseline options; run_cli parses the rest
-    parser.add_argument("--baselines", default="")
-    parser.add_argument("--data", nargs="+", default=None)
-    parser.add_argument("--pcs", type=int, default=baselines.PCS)
-    parser.add_argument("--splits", type=int, default=baselines.SPLITS)
-    parser.add_argument("--log1p", action="store_true")
-    parser.add_argument("--cebra-iterations", type=int, default=baselines.CEBRA_PARAMS["max_iterations"])
-    parser.add_argument("--control", default="")
+    # the baseline options, parsed here; run_cli parses the rest and lists these too in --help (parents)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--baselines", default="",
+                        help="comma-separated model-free baselines beside PNBA: "
+                             f"{','.join(baselines.BASELINES)} (default: none)")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="Sensorium mouse folders or a folder holding them, or .nwb files or folders "
+                             "holding them, for the baselines and the spike decoder (default: the data the "
+                             "file's config names)")
+    parser.add_argument("--pcs", type=int, default=baselines.PCS,
+                        help=f"components of the baselines (default {baselines.PCS})")
+    parser.add_argument("--splits", type=int, default=baselines.SPLITS,
+                        help=f"random halves of the stimuli for pca_cca, cebra (default {baselines.SPLITS})")
+    parser.add_argument("--log1p", action="store_true", help="log1p the responses before the neural PCA")
+    parser.add_argument("--cebra-iterations", type=int, default=baselines.CEBRA_PARAMS["max_iterations"],
+                        help="CEBRA training steps per split (default "
+                             f"{baselines.CEBRA_PARAMS['max_iterations']})")
+    parser.add_argument("--control", default="",
+                        help="comma-separated negative-control subjects: NWB subjects (every session of "
+                             "that monkey) or mouse names (default: none)")
     options, rest = parser.parse_known_args(argv)
     names = [n for n in options.baselines.split(",") if n]
     controls = [n for n in options.control.split(",") if n]
@@ -602,7 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         return analyse(trials, path, n_perm, seed,
                        {**vars(options), "names": names, "control": controls, "attrs": attrs})
 
-    return stats.run_cli(__doc__, rest, run, read, (data.DataError, config.ConfigError))
+    return stats.run_cli(__doc__, rest, run, read, (data.DataError, config.ConfigError), parents=(parser,),
+                         epilog="example: python stats_zeroshot.py runs/RUN/reps.h5 --baselines "
+                                "pca_cca,pca,stimulus")
 
 
 if __name__ == "__main__":

@@ -608,7 +608,8 @@ def test_attention_equals_explicit_softmax(residual, out_bias):
 
 
 def test_video_to_neural_layouts():
-    v = torch.randn(2, 3, 5, 4, 8)                         # (B, C, T, h, w) video latent
+    """float64: "pool" (adaptive_avg_pool2d) and the mean it is compared with sum in different orders."""
+    v = torch.randn(2, 3, 5, 4, 8, dtype=torch.float64)    # (B, C, T, h, w) video latent
     positions = v.flatten(3).transpose(2, 3)               # (B, C, 32, T)
     nearest = build(video_to_neural="nearest")
     torch.testing.assert_close(nearest._video_to_neural(v), positions[:, :, [0, 8, 16, 24]])
@@ -810,7 +811,13 @@ def test_pixel_ridge_predicts_driven_neurons_and_not_the_control(tiny):
 
 def test_each_animal_is_standardised_with_its_own_statistics():
     """mean_norm "batch": evaluation with an animal's neural_statistics gives what training's BatchNorm gives
-    on a batch of exactly those windows, whatever the running statistics say."""
+    on a batch of exactly those windows, whatever the running statistics say.
+
+    In float64, yet the two agree only to float32 rounding: neural_statistics returns float32 (mean, var)
+    by design and the evaluation path takes rsqrt(var + eps) in float32. With u = eps32 / 2 that is at most
+    u |mean| / sd from the mean and ~3 u |mu| from the variance and rsqrt; the bound below is about twice
+    that, per element. A wrong statistic is 1e4 times or more above it (unbiased variance on these 6
+    windows, a chunk left out, BatchNorm's eps missing)."""
     model = build(mean_norm="batch")
     model.materialise(8)
     model.double()
@@ -820,7 +827,10 @@ def test_each_animal_is_standardised_with_its_own_statistics():
     with torch.no_grad():
         mu_batch = model._encode_modalities(r, None, None)[0]
     model.mu_x_norm.running_mean.fill_(5.0)                             # far from this animal
-    torch.testing.assert_close(model.encode(r, x_stats=stats_x).mu_x, mu_batch, rtol=1e-5, atol=1e-6)
+    mean, sd = stats_x[0].double(), (stats_x[1].double() + model.mu_x_norm.eps).sqrt()
+    bound = 2 * torch.finfo(torch.float32).eps * (mean.abs() / sd + mu_batch.abs())
+    error = (model.encode(r, x_stats=stats_x).mu_x - mu_batch).abs()
+    assert (error <= bound).all(), float((error / bound).max())
     assert not torch.allclose(model.encode(r).mu_x, mu_batch)
     assert build().neural_statistics(iter([r.float()])) is None         # nothing to standardise
 
@@ -1116,7 +1126,10 @@ def test_set_projector_scales_linearly_from_10_to_10000_neurons():
 # ==================================================================================================
 
 
-RTOL = 1e-5  # fp32, the issue's bar
+# fp32, the issue's bar. It covers a sum in another order: the largest reductions tested are kernel A's KLs
+# over D = 1100 terms and kernel B's loss over 37^2 pairs, for which 2 eps32 sqrt(n) is at most 9e-6; the
+# errors measured are below 6e-7 (a few ulp). The reference's fp64 closed forms: 1e-12.
+RTOL = 1e-5
 
 
 def _close(actual, expected, rtol=RTOL):
@@ -1368,12 +1381,15 @@ def test_model_loss_is_the_same_with_kernels_on_and_off(monkeypatch):
 
     cfg = preset("tiny")
     torch.manual_seed(0)
-    model = pnba.PNBA(cfg.model, {"m1": 10})
+    # float64: the kernels sum in another order than torch, and through the whole network float32's
+    # difference grew to ~1e-5 of the largest gradient (CPU-dependent); in float64 it is ~2e-15, so 1e-9
+    # still fails on any wrong term (the kernels alone are held to fp32's 1e-5 above)
+    model = pnba.PNBA(cfg.model, {"m1": 10}).double()
     # eval mode: the means, no sampling (the two backends draw noise from different generators; the
     # noise itself is tested above), and still both kernels forward and backward
     model.eval()
-    responses = torch.rand(2, cfg.data.frames, 10)
-    video = torch.rand(2, 1, cfg.data.frames, cfg.data.height, cfg.data.width)
+    responses = torch.rand(2, cfg.data.frames, 10, dtype=torch.float64)
+    video = torch.rand(2, 1, cfg.data.frames, cfg.data.height, cfg.data.width, dtype=torch.float64)
     results = []
     for backend in ("torch", "triton"):
         monkeypatch.setenv("PNBA_KERNELS", backend)  # what cfg.model.kernels = "auto" defers to
@@ -1383,10 +1399,8 @@ def test_model_loss_is_the_same_with_kernels_on_and_off(monkeypatch):
         results.append((total.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
                                                          if p.grad is not None])))
     (loss_off, grad_off), (loss_on, grad_on) = results
-    _close(loss_on, loss_off)
-    # the kernels sum in another order than torch; through the whole network that fp32 difference
-    # grows to ~1e-4 relative in a few gradient entries (the kernels alone are held to 1e-5 above)
-    _close(grad_on, grad_off, rtol=1e-3)
+    _close(loss_on, loss_off, rtol=1e-9)
+    _close(grad_on, grad_off, rtol=1e-9)
 
 
 # ==================================================================================================
@@ -3098,9 +3112,11 @@ def test_behaviour_branch_shapes_losses_and_encode():
 
 
 def test_poisson_terms_leave_out_unobserved_elements():
+    """float64: the loss sums every element with the unobserved ones zeroed, the expectation only the
+    observed ones, a different order of a sum with terms of both signs."""
     torch.manual_seed(0)
-    rate = torch.rand(2, 5, 4, requires_grad=True)
-    target = torch.poisson(torch.full((2, 5, 4), 0.7))
+    rate = torch.rand(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.poisson(torch.full((2, 5, 4), 0.7, dtype=torch.float64))
     observed = torch.rand(2, 5, 4) > 0.3
     nll = pnba.poisson_nll(rate, target, observed)
     expected = (rate - target * torch.log(rate + pnba.POISSON_EPS))[observed].sum() / 2
@@ -3621,3 +3637,40 @@ def test_zero_shot_report_flags_out_of_range_and_keeps_no_information_near_zero(
     for d in decoding.DECODERS:
         for group in ("heldout", "control"):
             assert min(zero[d]["groups"][group]["mean"], zero[d]["shrunk"]["groups"][group]["mean"]) >= -0.1
+
+
+def test_every_script_help_names_its_inputs_options_and_an_example(capsys):
+    """--help of extract, stats_crossmodal, stats_zeroshot (its baseline options too), data (both subcommands)
+    and bench: what each accepts (Sensorium folders and NWB where data is read, names of subjects), every
+    option, the valid choices, and an "example:" line."""
+    def help_of(main, *argv):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "\nexample: python " in text
+        return text
+
+    text = help_of(extract.main)
+    assert all(o in text for o in ("--ckpt", "--data", "--out", "--tiers", "--device", "Sensorium", ".nwb"))
+    assert all(f"--{k}" in text for k in extract.EXTRACT_KEYS)
+    text = help_of(stats_crossmodal.main)
+    assert all(o in text for o in ("reps", "--out", "--permutations", "--seed"))
+    text = help_of(stats_zeroshot.main)
+    assert all(o in text for o in ("reps", "--out", "--permutations", "--seed", "--baselines", "--data",
+                                   "--pcs", "--splits", "--log1p", "--cebra-iterations", "--control",
+                                   "Sensorium", ".nwb", "subjects", ",".join(baselines.BASELINES)))
+    text = help_of(data.main)
+    assert "synth" in text and "check" in text
+    text = help_of(data.main, "synth")
+    assert all(p in text for p in (*data.SYNTH_PRESETS, *synthetic_nwb.NWB_SYNTH_PRESETS, "--seed", "NWB"))
+    text = help_of(data.main, "check")
+    assert all(o in text for o in ("--json", "Sensorium", ".nwb"))
+    text = help_of(bench.main)
+    assert all(p in text for p in config.PRESETS)
+    assert all(o in text for o in ("--batch", "--neurons", "--frames", "--device", "--iters", "--warmup",
+                                   "--threads", "--json", "--kernels", "--gpu-suite"))
+    # the baseline options are still checked by stats_zeroshot itself, with the same message
+    with pytest.raises(SystemExit) as e:
+        stats_zeroshot.main(["--baselines", "nope"])
+    assert e.value.code == 2 and "--baselines: unknown nope" in capsys.readouterr().err
