@@ -51,13 +51,14 @@ def file_digest(path: str) -> str:
 
 
 @torch.no_grad()
-def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None) -> dict:
+def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None, identity_free=False) -> dict:
     """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32.
-    x_stats: the animal's PNBA.neural_statistics."""
+    x_stats: the animal's PNBA.neural_statistics; identity_free: without the animal's unit embeddings (the
+    path a new animal gets)."""
     w = data.eval_windows(mouse, trial, frames)
     g = model.encode(w["responses"].to(device), w["stimulus"].to(device), coords=mouse.coords_tensor(device),
                      x_stats=x_stats, state=None if w["state"] is None else w["state"].to(device),
-                     animal=mouse.name)
+                     animal=None if identity_free else mouse.name)
     keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
     return {name: pnba.per_frame(getattr(g, name), keep) for name in data.REPS_ARRAYS
             if getattr(g, name) is not None}
@@ -114,8 +115,15 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     x_stats = {m.name: model.neural_statistics(windows(m, "responses"), coords=m.coords_tensor(dev),
                                                states=windows(m, "state"), animal=m.name)
                for m in mice if trials_of[m.name]}
+    # a training animal's identity-free encoding too (models with unit embeddings): what a new animal gets
+    identified = [m for m in mice if trials_of[m.name] and model.identity(m.name) is not None]
+    free_stats = {m.name: model.neural_statistics(windows(m, "responses"), coords=m.coords_tensor(dev),
+                                                  states=windows(m, "state")) for m in identified}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
         arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
+        if m.name in free_stats:
+            arrays["mu_x_free"] = encode_trial(model, m, i, cfg.data.frames, dev, free_stats[m.name],
+                                               identity_free=True)["mu_x"]
         condition, space = "", {}
         if m.stimulus_kind == "behaviour":        # one unit for every animal: the model's own space
             arrays["behaviour"], condition = m.normalised_behaviour(i), m.condition(i)

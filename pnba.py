@@ -295,11 +295,10 @@ class NeuralProjector(nn.Module):
             self.slot_out = nn.Linear(d, C)
         if cfg.state_input in ("encoder", "both"):
             # the recorded behavioural state of each frame, added to every slot: what the encoder needs to
-            # tell a response change the state explains from one the stimulus does. Zero at the start: a
-            # random projection of a private state would swamp the neural signal before anything is learned
-            self.state_embed = nn.Linear(cfg.state_dim, C)
-            nn.init.zeros_(self.state_embed.weight)
-            nn.init.zeros_(self.state_embed.bias)
+            # tell a response change the state explains from one the stimulus does. Zero at the start (a
+            # random projection of a private state swamped the neural signal before anything was learned)
+            # and drawn from no random stream: the rest of the model initialises as it would without it
+            self.state_embed = nn.Parameter(torch.zeros(cfg.state_dim, C))
         self.norm1 = group_norm(C)
         self.resblock1 = ResBlock(C, C, cfg.proj_dropout)
         self.atten = SelfAttention(C)
@@ -336,7 +335,7 @@ class NeuralProjector(nn.Module):
         else:
             x = self._slots_from_neurons(responses, coords, identity)
         if state is not None and hasattr(self, "state_embed"):
-            x = x + self.state_embed(state.to(x.dtype)).transpose(1, 2).unsqueeze(2)     # (B, C, 1, T)
+            x = x + (state.to(x.dtype) @ self.state_embed).transpose(1, 2).unsqueeze(2)   # (B, C, 1, T)
         x = F.leaky_relu(self.norm1(x))
         x = self.resblock2(self.atten(self.resblock1(x)))
         return F.leaky_relu(self.norm_out(x))

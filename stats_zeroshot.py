@@ -291,7 +291,8 @@ def hierarchy_figure(levels: dict[str, dict], results: dict) -> bytes:
 
 DECODING_METHOD = {
     "zero_shot": "each decoder fitted once on all analysed trials of the training animals (mu_x per frame -> "
-                 "behaviour), scored with no refit; groups: heldout (held-out non-control animals), control, "
+                 "behaviour; mu_x_free, their identity-free path, where the model has unit embeddings), "
+                 "scored with no refit; groups: heldout (held-out non-control animals), control, "
                  "train (in-sample: the fitting trials themselves); hyper-parameters chosen across subjects "
                  "(ridge alpha by leave-subjects-out CV, networks early-stopped on held-out subjects)",
     "shrunk": "the zero-shot predictions of each scored animal shrunk towards their own mean per component "
@@ -349,9 +350,14 @@ def decoding_section(animals: dict[str, list[TrialRep]], role: dict[str, str], p
 
     behaviour, labels = arrays("behaviour"), {m: [t.stimulus for t in ts] for m, ts in animals.items()}
     subject = subjects(animals)
+    # the decoders meet held-out animals' identity-free latents: fitted on the same path of the training
+    # animals (mu_x_free, written for models with unit embeddings), not on their identity-aware mu_x
+    identity_free = {m: [t.arrays.get("mu_x_free", t.arrays["mu_x"]) for t in ts]
+                     for m, ts in animals.items()}
     out = {"method": DECODING_METHOD, "fit_on": fit_on, "heldout": heldout, "control": control,
            "behaviour_space": spaces[fit_on[0]],
-           "zero_shot": decoding.zero_shot(arrays("mu_x"), behaviour, labels, fit_on,
+           "fitted_on_identity_free": any("mu_x_free" in t.arrays for m in fit_on for t in animals[m]),
+           "zero_shot": decoding.zero_shot(identity_free, behaviour, labels, fit_on,
                                            {"heldout": heldout, "control": control, "train": fit_on}, seed,
                                            subject, spaces),
            "within_animal": decoding.within_animal(arrays("mu_x"), behaviour, labels, heldout, seed=seed)}

@@ -1921,19 +1921,31 @@ def test_stats_refuse_foreign_hdf5(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+# What a short training (the demo preset, 120 steps, two training animals) must reach on each synthetic
+# family, each bar well above what the untrained model gives (asserted beside it). "latent": the demo's
+# generator, one shared latent. "filters": receptive fields on naturalistic movies, a private behavioural
+# state, gains over orders of magnitude, zero-inflated noise (README "The second synthetic family"): the
+# same claims at what the run reaches there, and zero-shot above the identity-free population summary.
+SCIENCE_BARS = {"latent": dict(corr_of_ridge=0.6, crossmodal_d=1.0, zeroshot_d=1.0),
+                "filters": dict(corr_of_ridge=0.6, crossmodal_d=1.0, zeroshot_d=1.0)}
+
+
 @pytest.mark.slow
-def test_science_zero_shot_effect_and_negative_control(tmp_path):
+@pytest.mark.parametrize("family", list(SCIENCE_BARS))
+def test_science_zero_shot_effect_and_negative_control(tmp_path, family):
     """After a short training PNBA does the three things it claims, and the untrained model (validated at
     step 0) and the stimulus-blind control animal do none of them:
     - stimulus -> neural: the stimulus path predicts the training animals' oracle trials;
     - cross-modal: the training animals' mu_x sits nearer its own video's mu_y than other videos', and
       identifies the video;
-    - zero-shot: the held-out animals' same-stimulus pairs are more similar than other pairs (centred
-      d > 1, permutation p < 0.01); the control shows no effect."""
+    - zero-shot: the held-out animals' same-stimulus pairs are more similar than other pairs (permutation
+      p < 0.01), on "filters" more than the identity-free population summary of the same trials; the
+      control shows no effect."""
     torch.set_num_threads(2)            # a real training run (the autouse fixture restores the count)
+    bars = SCIENCE_BARS[family]
     root = str(tmp_path / "data")
     data.write_synthetic(
-        root, "demo", seed=0,
+        root, "demo", seed=0, family=family,
         mice=(("dynamic90101-1-1", 83, "old"), ("dynamic90102-2-3", 127, "new"),
               ("dynamic90105-2-2", 109, "old"), ("dynamic90106-4-1", 141, "new"),
               ("dynamic90107-1-3", 72, "control")),
@@ -1947,19 +1959,24 @@ def test_science_zero_shot_effect_and_negative_control(tmp_path):
                  "--run.val_every", "20", "--run.ckpt_every", "0", "--data.num_workers", "0"])
     untrained, trained = [r["val"] for r in map(json.loads, open(run / "metrics.jsonl")) if "val" in r]
     corr = "corr_train_animals"
-    assert abs(untrained[corr]) < 0.1 and trained[corr] > 0.6 * trained["ridge_corr"], trained
+    assert abs(untrained[corr]) < 0.1, untrained
+    assert trained[corr] > bars["corr_of_ridge"] * trained["ridge_corr"], trained
     # two training animals and 120 steps align the training animals' latents (held-out animals need
     # more of both: the demo shows them); an untrained model's encoders share only stimulus energy
-    assert untrained["crossmodal_train"]["d"] < 0.5 and trained["crossmodal_train"]["d"] > 1
+    assert untrained["crossmodal_train"]["d"] < 0.5 < bars["crossmodal_d"] < trained["crossmodal_train"]["d"]
     assert trained["crossmodal_train"]["p"] < 0.01
     chance = trained["identification_chance"]
     assert trained["identification_top1"] > 3 * chance > untrained["identification_top1"]
     assert extract.main(["--ckpt", str(run / "last.pt"), "--tiers", "train,oracle"]) == 0
-    assert stats_zeroshot.main([str(run / "reps.h5"), "--permutations", "500"]) == 0
-    pairs = json.loads((run / "zeroshot.json").read_text())["pairs"]
+    assert stats_zeroshot.main([str(run / "reps.h5"), "--permutations", "500", "--baselines", "summary"]) == 0
+    result = json.loads((run / "zeroshot.json").read_text())
+    pairs = result["pairs"]
     heldout_pair = [p for p in pairs if {p["a"], p["b"]} == set(truth["heldout"])]
     assert len(heldout_pair) == 1
-    assert heldout_pair[0]["cohens_d"] > 1 and heldout_pair[0]["perm_p"] < 0.01, heldout_pair[0]
+    assert heldout_pair[0]["cohens_d"] > bars["zeroshot_d"] and heldout_pair[0]["perm_p"] < 0.01, heldout_pair
+    summary = [p for p in result["baselines"]["methods"]["summary"]["pairs"]
+               if {p["a"], p["b"]} == set(truth["heldout"])]
+    assert heldout_pair[0]["cohens_d"] > summary[0]["cohens_d"], (heldout_pair, summary)
     control_pairs = [p for p in pairs if set(truth["control"]) & {p["a"], p["b"]}]
     zero_shot_control = [p for p in control_pairs if p["heldout"]]
     assert zero_shot_control and all(p["perm_p"] > 0.05 for p in zero_shot_control), zero_shot_control
@@ -3225,8 +3242,8 @@ def test_state_reaches_the_readout_and_the_encoder_only_where_configured():
             for p in model.neural_readout.state.values() if hasattr(model.neural_readout, "state") else ():
                 p.normal_()
             if hasattr(model.neural_projector, "state_embed"):
-                assert not model.neural_projector.state_embed.weight.any()
-                model.neural_projector.state_embed.weight.normal_()
+                assert not model.neural_projector.state_embed.any()
+                model.neural_projector.state_embed.normal_()
             z = model.encode(r, v).mu_p
             moved_x = not torch.allclose(model.encode(r, state=state).mu_x, model.encode(r).mu_x)
             rate, rate_with_state = (model.decode_responses(z, "m1", s) for s in (None, state))
@@ -3236,7 +3253,10 @@ def test_state_reaches_the_readout_and_the_encoder_only_where_configured():
     model = build(state_input="both")
     model(r, v, "m1", state=state).losses.total.backward()
     assert model.neural_readout.state["m1"].grad.abs().sum() > 0
-    assert model.neural_projector.state_embed.weight.grad.abs().sum() > 0
+    assert model.neural_projector.state_embed.grad.abs().sum() > 0
+    # the state's parameters draw no random numbers: every other weight starts as without them
+    plain, with_state = build().state_dict(), build(state_input="both").state_dict()
+    assert all(torch.equal(p, plain[n]) for n, p in with_state.items() if n in plain)
     assert any(n.startswith("neural_readout.state.") for n, _ in model.named_parameters())
     with pytest.raises(ValueError, match="state_input"):
         build("monkey", state_input="both")            # a monkey's behaviour is its stimulus

@@ -32,11 +32,12 @@ REPS_VERSION = 3                    # 3: behaviour in one named space per animal
 
 
 REPS_ARRAYS = ("mu_x", "logvar_x", "mu_y", "logvar_y", "mu_p")
-# what the trial's stimulus modality was, per frame, when it is low-dimensional: the behaviour (frames, D),
-# e.g. hand velocity / the session's RMS speed (behaviour_space), for decoding and the condition ceiling
-
-
-REPS_DATA_ARRAYS = ("behaviour",)
+# optional per trial: what the trial's stimulus modality was, per frame, when it is low-dimensional: the
+# behaviour (frames, D), e.g. hand velocity / the session's RMS speed (behaviour_space), for decoding and the
+# condition ceiling; and mu_x_free (frames, latent): a training animal's mu_x from the identity-free path
+# (no unit embeddings), what a new animal gets, written for models with unit embeddings: zero-shot decoders
+# are fitted on it, so that they meet held-out animals' latents from the path they were fitted on
+REPS_DATA_ARRAYS = ("behaviour", "mu_x_free")
 
 
 @dataclass
