@@ -169,7 +169,6 @@ def _demo() -> Config:
     # what makes the generative path learn within the budget (README "Objective"): every neuron starts
     # at its mean rate and reads the latent of its frame linearly, and its readout moves 10x faster
     m.readout_bias_init, m.latent_readout, cfg.optim.readout_lr_scale = "mean", True, 10.0
-    _unit_identity(cfg)
     cfg.run.log_every, cfg.run.val_every, cfg.run.ckpt_every = 10, 3, 9
     return cfg
 
@@ -221,9 +220,10 @@ def _learning_objective(cfg: Config) -> None:
 
 def _unit_identity(cfg: Config) -> None:
     """Training animals' units carry learned embeddings; half the batches hide them, so the identity-free
-    path, a new animal's, stays trained (README "Science on data we did not design"). Coordinates stay
-    off: unique per unit, they act as an identity a new animal cannot share (zero-shot d 3.8 -> 0.4 on
-    the demo)."""
+    path, a new animal's, stays trained (README "Science on data we did not design"). On for monkeys, whose
+    training sessions otherwise lose what their units carry; off for the mouse demo, where it cost the
+    held-out animals their alignment. Coordinates stay off: unique per unit, they act as an identity a new
+    animal cannot share (held-out zero-shot d 3.8 -> 0.4 on the demo)."""
     cfg.model.unit_embedding, cfg.model.identity_dropout = True, 0.5
 
 
