@@ -1925,9 +1925,10 @@ def test_stats_refuse_foreign_hdf5(tmp_path, capsys):
 # family, each bar well above what the untrained model gives (asserted beside it). "latent": the demo's
 # generator, one shared latent. "filters": receptive fields on naturalistic movies, a private behavioural
 # state, gains over orders of magnitude, zero-inflated noise (README "The second synthetic family"): the
-# same claims at what the run reaches there, and zero-shot above the identity-free population summary.
-SCIENCE_BARS = {"latent": dict(corr_of_ridge=0.6, crossmodal_d=1.0, zeroshot_d=1.0),
-                "filters": dict(corr_of_ridge=0.6, crossmodal_d=1.0, zeroshot_d=1.0)}
+# same claims at what the run reaches there, and zero-shot above the identity-free population summary
+# (which on "latent" reaches that generator's identity-free ceiling with no fit at all).
+SCIENCE_BARS = {"latent": dict(corr_of_ridge=0.6, crossmodal_d=1.0, zeroshot_d=1.0, above_summary=False),
+                "filters": dict(corr_of_ridge=0.6, crossmodal_d=1.0, zeroshot_d=1.0, above_summary=True)}
 
 
 @pytest.mark.slow
@@ -1976,7 +1977,9 @@ def test_science_zero_shot_effect_and_negative_control(tmp_path, family):
     assert heldout_pair[0]["cohens_d"] > bars["zeroshot_d"] and heldout_pair[0]["perm_p"] < 0.01, heldout_pair
     summary = [p for p in result["baselines"]["methods"]["summary"]["pairs"]
                if {p["a"], p["b"]} == set(truth["heldout"])]
-    assert heldout_pair[0]["cohens_d"] > summary[0]["cohens_d"], (heldout_pair, summary)
+    # on "latent" the fit-free summary reaches the identity-free ceiling (README "Science on data we did
+    # not design"); on "filters" PNBA must beat it
+    assert not bars["above_summary"] or heldout_pair[0]["cohens_d"] > summary[0]["cohens_d"], summary
     control_pairs = [p for p in pairs if set(truth["control"]) & {p["a"], p["b"]}]
     zero_shot_control = [p for p in control_pairs if p["heldout"]]
     assert zero_shot_control and all(p["perm_p"] > 0.05 for p in zero_shot_control), zero_shot_control

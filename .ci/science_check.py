@@ -13,8 +13,13 @@ import os
 
 # per preset: what the demo must reach (README "The demo", "The second synthetic family", "Monkey motor
 # cortex"); the second families' bars are lower where their identity-free ceiling is lower
-MOUSE_BARS = {"demo": dict(corr_of_ridge=0.8, crossmodal_d=2.0, zeroshot_d=1.0, ident_x_chance=5),
-              "demo2": dict(corr_of_ridge=0.8, crossmodal_d=1.0, zeroshot_d=1.0, ident_x_chance=5)}
+# (above_summary: zero-shot d above the identity-free population summary of the same trials; on the demo's
+# one-latent generator that summary reaches the identity-free ceiling with no fit, README "Science on data
+# we did not design")
+MOUSE_BARS = {"demo": dict(corr_of_ridge=0.8, crossmodal_d=2.0, zeroshot_d=1.0, ident_x_chance=5,
+                           above_summary=False),
+              "demo2": dict(corr_of_ridge=0.8, crossmodal_d=1.0, zeroshot_d=1.0, ident_x_chance=5,
+                            above_summary=True)}
 MONKEY_BARS = {"monkey": dict(consistency_d=0.5, of_ceiling=0.3, train_of_ceiling=0.5, decoding_r2=0.3,
                               mu_y_r2=0.8, crossmodal_d=0.8),
                "monkey2": dict(consistency_d=0.5, of_ceiling=0.3, train_of_ceiling=0.5, decoding_r2=0.1,
@@ -41,12 +46,13 @@ def mouse(run, truth, bars):
         if roles == {"heldout"}:
             assert d > bars["zeroshot_d"] and perm_p < 0.01, f"held-out {p['a']} x {p['b']}: d {d} p {perm_p}"
             base = summary.get(frozenset((p["a"], p["b"])))
-            assert base is None or d > base["cohens_d"], f"held-out pair: d {d} <= summary {base['cohens_d']}"
+            if bars["above_summary"]:
+                assert base is not None and d > base["cohens_d"], f"held-out pair: d {d} <= summary {base}"
         if "control" in roles:   # 0.05 against the held-out animals; Bonferroni against every animal
             bar = 0.05 if "train" not in roles else 0.05 / n_control
             assert perm_p > bar, f"control pair {p['a']} x {p['b']}: perm p {perm_p}"
-    print("science check: the held-out pair shows the zero-shot effect (above the population summary where "
-          "computed), the control does not")
+    print("science check: the held-out pair shows the zero-shot effect"
+          + (" above the population summary" if bars["above_summary"] else "") + ", the control does not")
     val = [json.loads(line)["val"] for line in open(os.path.join(run, "metrics.jsonl")) if '"val"' in line]
     untrained, trained = val[0], val[-1]
     corr = trained["corr_train_animals"]
