@@ -55,7 +55,7 @@ def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None, id
     """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32.
     x_stats: the animal's PNBA.neural_statistics; identity_free: without the animal's unit embeddings (the
     path a new animal gets)."""
-    w = data.eval_windows(mouse, trial, frames)
+    w = data.eval_windows(mouse, trial, frames, model.cfg.state_input != "none")
     g = model.encode(w["responses"].to(device), w["stimulus"].to(device), coords=mouse.coords_tensor(device),
                      x_stats=x_stats, state=None if w["state"] is None else w["state"].to(device),
                      animal=None if identity_free else mouse.name)
@@ -109,7 +109,7 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     trials_of = {m.name: [i for a, i in jobs if a is m] for m in mice}
     def windows(m, key):
         for i in trials_of[m.name]:
-            x = data.eval_windows(m, i, cfg.data.frames)[key]
+            x = data.eval_windows(m, i, cfg.data.frames, cfg.model.state_input != "none")[key]
             yield None if x is None else x.to(dev)
 
     x_stats = {m.name: model.neural_statistics(windows(m, "responses"), coords=m.coords_tensor(dev),

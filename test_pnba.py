@@ -3214,12 +3214,17 @@ def test_state_is_read_z_scored_and_a_nan_in_it_is_one_line(tiny, broken):
     assert state.shape == (8, 4) and state.dtype == torch.float32 and m.state_dim == 4
     np.testing.assert_allclose(state.numpy(), ((expected.T - mean) / std), rtol=1e-5, atol=1e-5)
     assert m.state(i).shape == (m.valid_frames(i), 4)
-    w = data.eval_windows(m, i, 8)
+    w = data.eval_windows(m, i, 8, state=True)
     assert w["state"].shape == w["responses"].shape[:2] + (4,)
+    assert data.eval_windows(m, i, 8)["state"] is None           # read only for a model that reads it
     b, _ = broken
     j = int(b.trials(["train"])[0])
     path = put_nan(b, "behavior", j, (1, 5))
     one_line_error(lambda: data.Mouse(b.path).state(j), path, "NaN at frame 5")
+    data.eval_windows(data.Mouse(b.path), j, 8)                   # a model without the state never trips
+    batch = next(iter(data.make_train_loader([m], 8, 2, 0, seed=0, epoch=0, state=True)))
+    assert batch["state"].shape == (2, 8, 4)
+    assert "state" not in next(iter(data.make_train_loader([m], 8, 2, 0, seed=0, epoch=0)))
 
 
 def test_a_model_that_reads_the_state_refuses_data_without_one(tiny, tmp_path):

@@ -390,7 +390,8 @@ def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, 
     for m in train_mice + heldout_mice:
         trained, coords = m in train_mice, m.coords_tensor(device)
         reps[m.name], predictions, fused, targets = [], [], [], []
-        windows = {i: data.eval_windows(m, i, frames) for i in vset.trials[m.name]}   # read once
+        reads_state = cfg.model.state_input != "none"
+        windows = {i: data.eval_windows(m, i, frames, reads_state) for i in vset.trials[m.name]}   # read once
         responses = {i: w["responses"].to(device) for i, w in windows.items()}
         states = {i: None if w["state"] is None else w["state"].to(device) for i, w in windows.items()}
         all_states = _stack(list(states.values()))
@@ -611,7 +612,8 @@ def train(argv=None):
                 break
             loader = data.make_train_loader(train_mice, cfg.data.frames, cfg.data.batch_size,
                                             cfg.data.num_workers, cfg.run.seed, epoch, rank, world,
-                                            start_batch=start_batch if epoch == start_epoch else 0)
+                                            start_batch=start_batch if epoch == start_epoch else 0,
+                                            state=cfg.model.state_input != "none")
             for batch in loader:
                 batch = batch_to(batch, device)
                 mouse = next(m for m in train_mice if m.name == batch["mouse"])

@@ -102,11 +102,11 @@ class TrainWindows(torch.utils.data.Dataset):
     Batch: stimulus = video (B, 1, frames, H, W) or behaviour (B, frames, D) float32, responses (B, frames, N)
     float32, index (B, frames) int64 absolute frame numbers, trial (B,) int64, mouse str (one animal per
     batch: neuron counts differ), observed (B, frames, N) bool when some units were not recorded
-    throughout (NWB), and state (B, frames, state_dim) float32 when the animal has a recorded behavioural
-    state (Sensorium: Mouse.state)."""
+    throughout (NWB), and state (B, frames, state_dim) float32 with `state` (the model reads the recorded
+    behavioural state, Mouse.state; read only then, so that a model that ignores it never trips on it)."""
 
-    def __init__(self, mice: list[Mouse], frames: int):
-        self.mice, self.frames = mice, frames
+    def __init__(self, mice: list[Mouse], frames: int, state: bool = False):
+        self.mice, self.frames, self.state = mice, frames, state
 
     def __getitem__(self, item: tuple[int, tuple]) -> dict:
         m, windows = item
@@ -120,7 +120,7 @@ class TrainWindows(torch.utils.data.Dataset):
         observed = [mouse.observed(i, s, s + self.frames) for i, s in windows]
         if observed[0] is not None and not all(o.all() for o in observed):
             batch["observed"] = torch.stack(observed)
-        if getattr(mouse, "state_dim", 0):
+        if self.state:
             batch["state"] = torch.stack([mouse.state(i, s, s + self.frames) for i, s in windows])
         return batch
 
@@ -132,8 +132,8 @@ def _stimulus_batch(mouse, stimuli: torch.Tensor) -> torch.Tensor:
 
 
 def make_train_loader(mice: list[Mouse], frames: int, batch_size: int, num_workers: int, seed: int,
-                      epoch: int, rank: int = 0, world: int = 1,
-                      start_batch: int = 0) -> torch.utils.data.DataLoader:
+                      epoch: int, rank: int = 0, world: int = 1, start_batch: int = 0,
+                      state: bool = False) -> torch.utils.data.DataLoader:
     """DataLoader over this rank's batches of `epoch` from batch `start_batch` on (see _train_plan);
     len(loader) is the number of batches left. Workers each build whole batches."""
     plan = _train_plan(mice, frames, batch_size, seed, epoch, rank, world)
@@ -142,18 +142,19 @@ def make_train_loader(mice: list[Mouse], frames: int, batch_size: int, num_worke
                         f"{', '.join(m.path for m in mice) or 'no mice'}")
     # a private generator: otherwise each new iterator draws its worker seed from the global torch
     # RNG, and a resumed run (one more iterator) would sample different noise than a straight one
-    return torch.utils.data.DataLoader(TrainWindows(mice, frames), batch_size=None,
+    return torch.utils.data.DataLoader(TrainWindows(mice, frames, state), batch_size=None,
                                        sampler=plan[start_batch:], num_workers=num_workers,
                                        generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def eval_windows(mouse: Mouse, i: int, frames: int) -> dict:
+def eval_windows(mouse: Mouse, i: int, frames: int, state: bool = False) -> dict:
     """Trial i as consecutive non-overlapping `frames`-long windows from frame 0, plus, when the valid
     length T is not a multiple of `frames`, one last window aligned to the end (overlapping the one before).
 
     Returns stimulus (W, 1, frames, H, W_px) video or (W, frames, D) behaviour float32, responses
     (W, frames, N) float32, observed (W, frames, N) bool or None (see TrainWindows), state
-    (W, frames, state_dim) float32 or None (the recorded behavioural state), index (W, frames) int64,
+    (W, frames, state_dim) float32 with `state`, else None (the recorded behavioural state), index (W, frames)
+    int64,
     keep (W, frames) bool: True where a frame appears for the first time, so each of the T valid frames is
     kept exactly once; trial, mouse, valid_frames (T) and covered (frames kept: T, or 0 when T < frames,
     in which case there are no windows)."""
@@ -163,7 +164,7 @@ def eval_windows(mouse: Mouse, i: int, frames: int) -> dict:
         starts.append(T - frames)
     stimulus, responses = mouse.normalised(i)
     observed = mouse.observed(i)
-    state = mouse.state(i) if getattr(mouse, "state_dim", 0) else None
+    state = mouse.state(i) if state else None
     index = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(frames)
     first_new = torch.tensor([0] + [s + frames for s in starts[:-1]], dtype=torch.int64)[:, None]
     keep = index >= first_new[:len(starts)]
