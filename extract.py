@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -51,17 +52,23 @@ def file_digest(path: str) -> str:
 
 
 @torch.no_grad()
-def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None, identity_free=False) -> dict:
+def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None, free_stats=None) -> dict:
     """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32.
-    x_stats: the animal's PNBA.neural_statistics; identity_free: without the animal's unit embeddings (the
-    path a new animal gets)."""
+    x_stats: the animal's PNBA.neural_statistics; free_stats: its statistics without unit embeddings, given
+    for a training animal of a model that has them: then also mu_x_free, its mu_x from the identity-free
+    path (what a new animal gets), from the same read of the trial."""
     w = data.eval_windows(mouse, trial, frames, model.cfg.state_input != "none")
-    g = model.encode(w["responses"].to(device), w["stimulus"].to(device), coords=mouse.coords_tensor(device),
-                     x_stats=x_stats, state=None if w["state"] is None else w["state"].to(device),
-                     animal=None if identity_free else mouse.name)
+    responses, coords = w["responses"].to(device), mouse.coords_tensor(device)
+    state = None if w["state"] is None else w["state"].to(device)
+    g = model.encode(responses, w["stimulus"].to(device), coords=coords, x_stats=x_stats, state=state,
+                     animal=mouse.name)
     keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
-    return {name: pnba.per_frame(getattr(g, name), keep) for name in data.REPS_ARRAYS
-            if getattr(g, name) is not None}
+    out = {name: pnba.per_frame(getattr(g, name), keep) for name in data.REPS_ARRAYS
+           if getattr(g, name) is not None}
+    if free_stats is not None:
+        free = model.encode(responses, coords=coords, x_stats=free_stats, state=state)
+        out["mu_x_free"] = pnba.per_frame(free.mu_x, keep)
+    return out
 
 
 def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="auto", overrides=()) -> str:
@@ -107,23 +114,21 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     t0 = time.time()
     # mean_norm "batch": each animal's neural means are standardised with its own statistics (pnba)
     trials_of = {m.name: [i for a, i in jobs if a is m] for m in mice}
-    def windows(m, key):
-        for i in trials_of[m.name]:
-            x = data.eval_windows(m, i, cfg.data.frames, cfg.model.state_input != "none")[key]
-            yield None if x is None else x.to(dev)
+    def statistics(m, animal):
+        """m's neural statistics (with its unit embeddings if animal is given), each trial read once."""
+        reads_state = cfg.model.state_input != "none"
+        responses, states = itertools.tee(data.eval_windows(m, i, cfg.data.frames, reads_state)
+                                          for i in trials_of[m.name])
+        return model.neural_statistics(
+            (w["responses"].to(dev) for w in responses), coords=m.coords_tensor(dev), animal=animal,
+            states=(None if w["state"] is None else w["state"].to(dev) for w in states))
 
-    x_stats = {m.name: model.neural_statistics(windows(m, "responses"), coords=m.coords_tensor(dev),
-                                               states=windows(m, "state"), animal=m.name)
-               for m in mice if trials_of[m.name]}
+    x_stats = {m.name: statistics(m, m.name) for m in mice if trials_of[m.name]}
     # a training animal's identity-free encoding too (models with unit embeddings): what a new animal gets
-    identified = [m for m in mice if trials_of[m.name] and model.identity(m.name) is not None]
-    free_stats = {m.name: model.neural_statistics(windows(m, "responses"), coords=m.coords_tensor(dev),
-                                                  states=windows(m, "state")) for m in identified}
+    free_stats = {m.name: statistics(m, None) for m in mice
+                  if trials_of[m.name] and model.identity(m.name) is not None}
     for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
-        arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name])
-        if m.name in free_stats:
-            arrays["mu_x_free"] = encode_trial(model, m, i, cfg.data.frames, dev, free_stats[m.name],
-                                               identity_free=True)["mu_x"]
+        arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name], free_stats.get(m.name))
         condition, space = "", {}
         if m.stimulus_kind == "behaviour":        # one unit for every animal: the model's own space
             arrays["behaviour"], condition = m.normalised_behaviour(i), m.condition(i)
