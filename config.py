@@ -135,6 +135,9 @@ class RunConfig:
     val_every: int = 1                # epochs between validations (0: never)
     ckpt_every: int = 100             # epochs between kept checkpoints (last.pt is always written)
     max_steps: int = 0                # stop after this many optimiser steps (0: run all epochs)
+    # torchrun: how long a rank waits for the others in a collective before the job stops with one line
+    # (a rank that died or hangs); must exceed the longest validation, which rank 0 runs alone
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -451,7 +454,8 @@ RANGES = {   # every number not listed here must be >= 0; tuples: every element
                      "optim.betas",
                      "optim.stable_fraction"],
                     _FRACTION),
-    **dict.fromkeys(["model.match_scale_init", "optim.lr", "optim.readout_lr_scale", "data.bin_ms"],
+    **dict.fromkeys(["model.match_scale_init", "optim.lr", "optim.readout_lr_scale", "data.bin_ms",
+                     "run.collective_timeout_s"],
                     _POSITIVE),
     "optim.warmup_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.window_ms": (lambda v: True, "any time"),      # before and after movement onset
@@ -598,7 +602,8 @@ def remove_stale_temps(folder, target: str = "*") -> list[str]:
     """Remove the temp files (`<target>.tmp<pid>`) that writers killed mid-write left in folder; a live
     process's are left alone (it may be writing). Returns the removed paths."""
     removed = []
-    for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), glob.escape(target) + ".tmp*")):
+    name = "*" if target == "*" else glob.escape(target)        # "*": every target (escaped, none)
+    for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), name + ".tmp*")):
         m = _TEMP.search(path)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             with contextlib.suppress(FileNotFoundError):

@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import config
 import data
+import evaluate
 import pnba
 
 # the keys that apply to extraction: which data, read how, and the device; the weights fix the rest
@@ -51,24 +50,16 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
-def encode_trial(model, mouse, trial: int, frames: int, device, x_stats=None, free_stats=None) -> dict:
-    """Means and log-variances of one whole trial, per frame: name -> (valid_frames, C * n) float32.
-    x_stats: the animal's PNBA.neural_statistics; free_stats: its statistics without unit embeddings, given
-    for a training animal of a model that has them: then also mu_x_free, its mu_x from the identity-free
-    path (what a new animal gets), from the same read of the trial."""
-    w = data.eval_windows(mouse, trial, frames, model.cfg.state_input != "none")
-    responses, coords = w["responses"].to(device), mouse.coords_tensor(device)
-    state = None if w["state"] is None else w["state"].to(device)
-    g = model.encode(responses, w["stimulus"].to(device), coords=coords, x_stats=x_stats, state=state,
-                     animal=mouse.name)
-    keep = torch.as_tensor(w["keep"]).reshape(-1)        # frames of the stacked windows that are new
-    out = {name: pnba.per_frame(getattr(g, name), keep) for name in data.REPS_ARRAYS
-           if getattr(g, name) is not None}
-    if free_stats is not None:
-        free = model.encode(responses, coords=coords, x_stats=free_stats, state=state)
-        out["mu_x_free"] = pnba.per_frame(free.mu_x, keep)
-    return out
+def trial_rep(m, i: int, arrays: dict, groups: dict, heldout: bool) -> data.TrialRep:
+    """What reps.h5 holds of trial i of animal m: its arrays, plus the behaviour in the model's own space for
+    NWB monkeys (one unit for every animal)."""
+    condition, space = "", {}
+    if m.stimulus_kind == "behaviour":
+        arrays["behaviour"], condition = m.normalised_behaviour(i), m.condition(i)
+        space = dict(behaviour_space=m.behaviour_space, behaviour_scale=m.behaviour_scale,
+                     behaviour_unit=m.behaviour_unit)
+    return data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1), m.valid_frames(i), heldout,
+                         arrays, m.subject, m.session, condition, **space)
 
 
 def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="auto", overrides=()) -> str:
@@ -110,33 +101,23 @@ def extract(ckpt_path: str, data_paths=None, out_path=None, tiers=None, device="
     if not jobs:
         raise data.DataError(f"{', '.join(paths)}: no trials with responses to extract")
 
-    reps = []
+    reps, cache = [], {}
     t0 = time.time()
-    # mean_norm "batch": each animal's neural means are standardised with its own statistics (pnba)
-    trials_of = {m.name: [i for a, i in jobs if a is m] for m in mice}
-    def statistics(m, animal):
-        """m's neural statistics (with its unit embeddings if animal is given), each trial read once."""
-        reads_state = cfg.model.state_input != "none"
-        responses, states = itertools.tee(data.eval_windows(m, i, cfg.data.frames, reads_state)
-                                          for i in trials_of[m.name])
-        return model.neural_statistics(
-            (w["responses"].to(dev) for w in responses), coords=m.coords_tensor(dev), animal=animal,
-            states=(None if w["state"] is None else w["state"].to(dev) for w in states))
-
-    x_stats = {m.name: statistics(m, m.name) for m in mice if trials_of[m.name]}
-    # a training animal's identity-free encoding too (models with unit embeddings): what a new animal gets
-    free_stats = {m.name: statistics(m, None) for m in mice
-                  if trials_of[m.name] and model.identity(m.name) is not None}
-    for m, i in tqdm(jobs, desc="extract", unit="trial", dynamic_ncols=True):
-        arrays = encode_trial(model, m, i, cfg.data.frames, dev, x_stats[m.name], free_stats.get(m.name))
-        condition, space = "", {}
-        if m.stimulus_kind == "behaviour":        # one unit for every animal: the model's own space
-            arrays["behaviour"], condition = m.normalised_behaviour(i), m.condition(i)
-            space = dict(behaviour_space=m.behaviour_space, behaviour_scale=m.behaviour_scale,
-                         behaviour_unit=m.behaviour_unit)
+    bar = tqdm(total=len(jobs), desc="extract", unit="trial", dynamic_ncols=True)
+    for m in mice:
+        trials = [i for a, i in jobs if a is m]
+        if not trials:
+            continue
+        x_stats = evaluate.animal_statistics(model, m, cfg.data.frames, dev)
+        # a training animal's identity-free encoding too (models with unit embeddings): what a new animal gets
+        free_stats = evaluate.animal_statistics(model, m, cfg.data.frames, dev, identity=False) \
+            if model.identity(m.name) is not None else None
         heldout = m.name not in ckpt["neuron_counts"]
-        reps.append(data.TrialRep(m.name, str(m.tiers[i]), i, groups.get((m.name, i), -1), m.valid_frames(i),
-                                  heldout, arrays, m.subject, m.session, condition, **space))
+        for e in evaluate.encode_trials(model, m, trials, cfg.data.frames, dev, x_stats, free_stats,
+                                        evaluate.stimulus_key(m, groups), cache):
+            reps.append(trial_rep(m, e.trial, e.arrays(), groups, heldout))
+            bar.update()
+    bar.close()
     rate = len(jobs) / (time.time() - t0)
     data.write_representations(out_path, reps, {
         "checkpoint": str(Path(ckpt_path).resolve()),

@@ -1,6 +1,6 @@
-"""Statistics shared by stats_crossmodal.py and stats_zeroshot.py: correlation sets, centring, effect sizes,
-a stimulus-relabelling permutation test, a two-way ANOVA, the trial / session / subject consistency
-hierarchy, and report / JSON / figure writing.
+"""Statistics shared by stats_crossmodal.py, stats_zeroshot.py and stats_baselines.py: correlation sets,
+centring, effect sizes, a stimulus-relabelling permutation test, a two-way ANOVA, the trial / session /
+subject consistency hierarchy, and report / JSON / figure writing.
 
 Definitions (the reports repeat them):
 - r between two trials: Pearson r of the flattened (frames, latent) arrays over the frames both have (the
@@ -293,6 +293,24 @@ def within(a: list[np.ndarray], labels, tiers, n_perm: int,
     centred = centre(a)
     return {"centred": compare_within(correlation_matrix(centred, centred), labels, tiers, n_perm, rng),
             "raw": compare_within(correlation_matrix(a, a), labels, tiers, n_perm, rng)}
+
+
+def crossmodal(trials: list, n_perm: int, rng: np.random.Generator) -> dict[str, dict[str, Comparison]]:
+    """r(mu_x, mu_y) of one animal's trials (data.TrialRep), same stimulus vs other (between): paired are x
+    of a trial with y of every trial of its stimulus; a trial of unknown stimulus (-1) pairs only with
+    itself."""
+    labels = [t.stimulus if t.stimulus >= 0 else -1 - k for k, t in enumerate(trials)]
+    tiers = [t.tier for t in trials]
+    return between([t.arrays["mu_x"] for t in trials], [t.arrays["mu_y"] for t in trials], labels, labels,
+                   tiers, tiers, n_perm, rng)
+
+
+def pair(a: list, b: list, n_perm: int, rng: np.random.Generator,
+         array: str = "mu_x") -> dict[str, dict[str, Comparison]]:
+    """r(array of A, array of B) over the trials (data.TrialRep) of two animals, same stimulus vs other
+    (between)."""
+    return between([t.arrays[array] for t in a], [t.arrays[array] for t in b], [t.stimulus for t in a],
+                   [t.stimulus for t in b], [t.tier for t in a], [t.tier for t in b], n_perm, rng)
 
 
 def pool(items: list[dict[str, Comparison]]) -> dict[str, Comparison]:

@@ -29,11 +29,7 @@ def analyse(trials: list, path: str, n_perm: int, seed: int) -> dict[str, bytes]
     rng = np.random.default_rng(seed)
     per_animal, comparisons = {}, {g: [] for g in GROUPS}
     for mouse, trials in animals.items():
-        # an unknown stimulus gets a label of its own, so that trial pairs only with itself
-        labels = [t.stimulus if t.stimulus >= 0 else -1 - i for i, t in enumerate(trials)]
-        tiers = [t.tier for t in trials]
-        c = stats.between([t.arrays["mu_x"] for t in trials], [t.arrays["mu_y"] for t in trials],
-                          labels, labels, tiers, tiers, n_perm, rng)
+        c = stats.crossmodal(trials, n_perm, rng)
         group = GROUPS[trials[0].heldout]
         comparisons[group].append(c)
         per_animal[mouse] = (group, c)

@@ -7,43 +7,52 @@
         train.py --data /data/sensorium --preset paper      # multi-node; node_rank=1 on the other node
     python train.py --resume runs/RUN                       # continue a run exactly where it stopped
     python train.py --out runs/RUN --restart                # start over; the old run moves to RUN.old-<time>
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py --preset paper --data /data/sensorium \
+        --out runs/RUN --resume auto     # elastic: a restarted job (a lost worker) continues from last.pt
 
 Any config field can be overridden, e.g. `--optim.lr 3e-4 --model.neural_projector set`
 (see config.py or README "Config reference"). A run directory holds config.json, metrics.jsonl,
 last.pt and epoch_<E>.pt checkpoints. The config, the run directory and the data are checked before
 anything is written; a run directory is never overwritten.
+
+Faults (README "Multi-GPU"): `--resume auto` continues the run in --out if it holds one and starts it
+otherwise, so one command line serves every start of an elastic job (a job torchrun restarts continues its
+own run even without it). A rank that fails stops every rank with one line, and a collective waits at
+most run.collective_timeout_s. A checkpoint is written whole or not at all: on a full disk the previous one
+stays loadable. A damaged checkpoint is named, with the newest loadable one of its run directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
+import traceback
+import uuid
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import baselines
 import config
 import data
-import kernels
+import evaluate
 import pnba
+import rundir
 import stats
+from distributed import Ranks, check_replicas, rank_rng_states, setup_distributed
+from rundir import TrainError
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_synth")
 
 
-class TrainError(Exception):
-    """A run that cannot go on: one line saying why."""
+        # else the others may wait in a collective this rank never joins: main() leaves at once (os._exit),
+        # which closes the connections so that their collectives fail rather than wait
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,49 +75,31 @@ def parse_args(argv):
                         "(every session of that monkey) or unique name prefixes")
     p.add_argument("--help-config", action="store_true", help="list every --section.field override and exit")
     p.add_argument("--out", default=None, help="run directory (default: a new folder under runs/)")
-    p.add_argument("--resume", default=None, help="run directory (or checkpoint) to continue")
+    p.add_argument("--resume", default=None,
+                   help="run directory (or checkpoint) to continue; auto: continue the run in --out if it "
+                        "holds one, start it otherwise (one command line for every start of an elastic job)")
     p.add_argument("--restart", action="store_true",
                    help="start over in an existing --out (the old run moves to DIR.old-<time>, not deleted)")
     return p.parse_known_args(argv)
 
 
-def resume_checkpoint(resume):
-    """--resume takes a run directory (its last.pt) or a checkpoint file."""
-    return os.path.join(resume, "last.pt") if os.path.isdir(resume) else resume
-
-
-def build_config(args, rest):
-    """Config from (resumed checkpoint | preset) + command-line overrides, validated as a whole."""
-    ckpt = None
-    if args.resume:
-        path = resume_checkpoint(args.resume)
-        ckpt = pnba.load_checkpoint(path)
-        cfg = config.from_dict(ckpt["config"])
-        if args.preset:
-            raise TrainError(f"{path}: --preset cannot change a resumed run; override single fields instead")
-    else:
-        cfg = config.preset(args.preset or "demo")
-    cfg, unknown = config.parse_overrides(cfg, rest)
-    if unknown:
-        raise TrainError(f"unknown arguments {' '.join(unknown)}; config keys look like --optim.lr 3e-4")
-    if args.data:
-        cfg.data.paths = tuple(args.data)
-    if args.holdout is not None:
-        cfg.data.holdout = tuple(h for h in args.holdout.split(",") if h)
-    return config.validate(cfg), ckpt
-
-
-def resolve_data(cfg, rank):
+def resolve_data(cfg, rank, ranks=None):
     """The animals of the run (training, held out); writes the synthetic dataset of data.synth_preset if no
-    data was named. --holdout names an animal, a subject (every session of an NWB monkey) or a unique
-    prefix of an animal's name."""
+    data was named (rank 0; the others wait for it at ranks.agree). --holdout names an animal, a subject
+    (every session of an NWB monkey) or a unique prefix of an animal's name."""
     if not cfg.data.paths:
         root = os.path.join(DEMO_DATA, cfg.data.synth_preset)
+        error = None
         if rank == 0 and not os.path.isdir(root):
             print(f"writing the synthetic {cfg.data.synth_preset} dataset to {root} ...")
-            data.write_synthetic_dataset(root, preset=cfg.data.synth_preset, seed=cfg.run.seed)
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                data.write_synthetic_dataset(root, preset=cfg.data.synth_preset, seed=cfg.run.seed)
+            except Exception as e:          # noqa: BLE001 -- every rank learns of it at agree()
+                error = e
+        if ranks is not None:
+            ranks.agree(error)
+        elif error is not None:
+            raise error
         cfg.data.paths = (root,)
         if not cfg.data.holdout:
             truth = data.read_synthetic_truth(root)
@@ -130,83 +121,6 @@ def resolve_data(cfg, rank):
     return train_mice, [m for m in mice if m.name in heldout]
 
 
-def setup_distributed():
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, None
-    use_cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else None
-
-
-def plan_run_dir(args, rank, world) -> str:
-    """Where this run writes, decided and checked before anything is written, the same on every rank.
-
-    A folder that holds files is never overwritten: --out on one is refused unless the run is continued
-    (--resume) or started over (--restart: set_up_run_dir moves the old run aside, never deletes it).
-    """
-    verdict = [args.out, None]
-    if rank == 0:
-        try:
-            verdict[0] = _run_dir(args)
-            config.check_writable(verdict[0])
-        except (TrainError, config.ConfigError) as e:
-            verdict[1] = str(e)
-    if world > 1:    # rank 0 alone looks: a rank that looked later could find the folder rank 0 made
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[1]:
-        raise TrainError(verdict[1])
-    return verdict[0]
-
-
-def _run_dir(args) -> str:
-    if args.resume:
-        out = os.path.dirname(os.path.abspath(resume_checkpoint(args.resume)))
-        if args.restart:
-            raise TrainError("--resume continues a run and --restart starts one over: choose one")
-        if args.out and os.path.abspath(args.out) != out:
-            raise TrainError(f"--resume continues {out} in place; --out {args.out} cannot move it")
-        return out
-    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{args.preset or 'demo'}")
-    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if held and not args.restart:
-        files = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise TrainError(f"{out}: already holds a run ({files}); continue it with --resume {out}, or start "
-                         f"over with --restart (the old run is moved to {out.rstrip(os.sep)}.old-<time>, "
-                         "never deleted)")
-    return out
-
-
-def set_up_run_dir(out_dir, args, cfg, step) -> None:
-    """Make the run directory ready (rank 0, once the config, data and model are known to be good).
-    --restart: the old run is moved to <out>.old-<time> first. Resuming: temp files a killed save left
-    are removed, and metrics.jsonl is cut back to the checkpoint's step (the lines after it would be
-    replayed). Then config.json."""
-    if args.restart and os.path.isdir(out_dir) and os.listdir(out_dir):
-        stamp = f"{out_dir.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside, k = stamp, 1
-        while os.path.exists(aside):            # two restarts within a second
-            k += 1
-            aside = f"{stamp}-{k}"
-        os.rename(out_dir, aside)
-        print(f"moved the old run in {out_dir} to {aside}")
-    os.makedirs(out_dir, exist_ok=True)
-    config.remove_stale_temps(out_dir)
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    if args.resume and os.path.exists(metrics):
-        kept = []
-        with open(metrics) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):      # a line cut short by the kill is dropped too
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-        config.write_atomic(metrics, "".join(kept))
-    config.write_atomic(os.path.join(out_dir, "config.json"), json.dumps(config.to_dict(cfg), indent=2))
-
-
 def build_model(cfg, train_mice, device):
     """The model for the training animals, seeded by run.seed, on device."""
     torch.manual_seed(cfg.run.seed)
@@ -224,15 +138,22 @@ def build_model(cfg, train_mice, device):
     return model.to(device)
 
 
-def restore(ckpt, source, model, optimizer, scheduler) -> int:
-    """Continue a run exactly: weights, optimiser, scheduler and RNG states. Returns the step."""
-    missing = [k for k in ("optimizer", "scheduler", "rng_cpu", "rng_cuda", "step") if k not in ckpt]
+def restore(ckpt, source, model, optimizer, scheduler, rank=0, world=1) -> int:
+    """Continue a run exactly: weights, optimiser, scheduler and RNG states (under torchrun every rank its
+    own, when the checkpoint has one per rank of this many). Returns the step."""
+    missing = [k for k in rundir.TRAINING_KEYS if k not in ckpt]
     if missing:
         raise pnba.CheckpointError(f"{source}: not a training checkpoint (no {', '.join(missing)}); it "
                                    "cannot be resumed")
     pnba.load_weights(model, ckpt, source)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    per_rank = ckpt.get("rng_ranks")
+    if per_rank and len(per_rank) == world:
+        torch.set_rng_state(per_rank[rank]["cpu"])
+        if torch.cuda.is_available() and per_rank[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(per_rank[rank]["cuda"])
+        return int(ckpt["step"])
     torch.set_rng_state(ckpt["rng_cpu"])
     if torch.cuda.is_available() and ckpt["rng_cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
@@ -287,203 +208,6 @@ def batch_to(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-VAL_TRAIN_TRIALS = 16     # train-tier trials per animal in the alignment metrics (most widely shared videos)
-VAL_PERMUTATIONS = 200    # stimulus permutations per validation test (the stats scripts use 1000)
-
-
-@dataclass
-class ValidationSet:
-    """What validate() scores, fixed once per run so that every validation sees the same trials.
-
-    trials: per animal, the trials encoded (oracle + the train trials of the most widely shared videos);
-    scored: per training animal, its oracle trials, never trained on, on which the stimulus -> neural
-    prediction is scored; stimulus: pixel-pairing id per (animal, trial); ceiling and ridge: per training
-    animal, the data's leave-one-out repeat correlation and the pixel ridge's correlation on those trials.
-    """
-    trials: dict[str, list[int]]
-    scored: dict[str, list[int]]
-    stimulus: dict[tuple[str, int], int]
-    ceiling: dict[str, float]
-    ridge: dict[str, float]
-
-
-def prepare_validation(train_mice, heldout_mice) -> ValidationSet:
-    mice = train_mice + heldout_mice
-    stimulus = data.stimulus_groups(mice)
-    seen_by = Counter(stimulus.values())        # how many trials, over all animals, show each video
-    trials, scored, ceiling, ridge = {}, {}, {}, {}
-    for m in mice:
-        oracle = [int(i) for i in m.trials(["oracle"], hidden=False)]
-        train_tier = [int(i) for i in m.trials(["train"], hidden=False)]
-        widest = sorted(train_tier, key=lambda i: (-seen_by[stimulus[(m.name, i)]], stimulus[(m.name, i)]))
-        trials[m.name] = oracle + widest[:VAL_TRAIN_TRIALS]
-        if m in train_mice and oracle:
-            scored[m.name] = oracle
-            labels = [stimulus[(m.name, i)] for i in oracle]
-            responses = [m.normalised(i)[1].numpy() for i in oracle]
-            ceiling[m.name] = stats.repeat_ceiling(responses, labels)
-            fit = baselines.pixel_ridge(m, train_tier)
-            ridge[m.name] = float(np.nanmean(stats.per_neuron_corr(
-                np.concatenate([fit.predict(m, i) for i in oracle]), np.concatenate(responses))))
-    return ValidationSet(trials, scored, stimulus, ceiling, ridge)
-
-
-VAL_CHUNK = 64           # windows per forward pass in validation
-
-
-def _in_chunks(fn, x: torch.Tensor, state: torch.Tensor | None, mouse: str) -> torch.Tensor:
-    """fn(chunk, mouse, state chunk) over x (W, ...) and state (W, ...) or None in chunks of VAL_CHUNK
-    windows, concatenated: eval-mode outputs do not depend on which windows share a batch, and batched passes
-    are many times faster than one window at a time."""
-    return torch.cat([fn(x[k:k + VAL_CHUNK], mouse, None if state is None else state[k:k + VAL_CHUNK])
-                      for k in range(0, len(x), VAL_CHUNK)])
-
-
-def _stack(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if not tensors or tensors[0] is None else torch.cat(tensors)
-
-
-def _encode_trials(model, modality: str, inputs: list[torch.Tensor], states=None, **kwargs) -> list:
-    """model.encode(**{modality: windows}, **kwargs) over every trial's windows at once, in chunks; one
-    Gaussians per trial (modality "responses" or "stimulus"). states: per trial the windows' behavioural
-    states (W, T, state_dim), or None."""
-    if not inputs:
-        return []
-    stacked, state = torch.cat(inputs), _stack(states or [None])
-    parts = [model.encode(**{modality: stacked[k:k + VAL_CHUNK]}, **kwargs,
-                          state=None if state is None else state[k:k + VAL_CHUNK])
-             for k in range(0, len(stacked), VAL_CHUNK)]
-    sizes = [len(x) for x in inputs]
-    fields = [torch.cat(f).split(sizes) if f[0] is not None else [None] * len(sizes)
-              for f in zip(*parts, strict=True)]
-    return [pnba.Gaussians(*trial) for trial in zip(*fields, strict=True)]
-
-
-def _mean_corr(prediction, target):
-    return float(np.nanmean(stats.per_neuron_corr(prediction.numpy(), target.numpy())))
-
-
-def _mean(values):
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
-@torch.no_grad()
-def validate(model, vset: ValidationSet, train_mice, heldout_mice, cfg, device, seed=0) -> dict:
-    """The three things PNBA claims, on trials fixed for the run (eval mode: means, no sampling).
-
-    - stimulus -> neural: Sensorium single-trial correlation of the stimulus path's rates (mu_y decoded)
-      on the training animals' oracle trials, next to the fused path, the data's repeat ceiling and the
-      pixel ridge on the same trials; Poisson NLL of the fused path over its constant-rate floor;
-    - cross-modal: centred r(mu_x, mu_y) same video vs other videos (d, permutation p), training and
-      held-out animals (held-out: mu_x zero-shot); identification of the video from mu_x;
-    - zero-shot: centred and raw r(mu_x A, mu_x B) same vs other stimulus for every held-out pair;
-    plus latent_corr, the raw correlation between the latents of different trials (collapse alarm).
-    """
-    model.eval()
-    rng = np.random.default_rng(seed)
-    frames = cfg.data.frames
-    # a video is the same for every trial that shows it: encoded once per stimulus id. Behaviour is the
-    # trial's own (two reaches to one target differ), so it is encoded per trial
-    stimulus_cache = {}                 # key -> (windows Gaussians, per-frame mu_y, logvar_y)
-    reps, per_animal = {}, {}
-    for m in train_mice + heldout_mice:
-        trained, coords = m in train_mice, m.coords_tensor(device)
-        reps[m.name], predictions, fused, targets = [], [], [], []
-        reads_state = cfg.model.state_input != "none"
-        windows = {i: data.eval_windows(m, i, frames, reads_state) for i in vset.trials[m.name]}   # read once
-        responses = {i: w["responses"].to(device) for i, w in windows.items()}
-        states = {i: None if w["state"] is None else w["state"].to(device) for i, w in windows.items()}
-        all_states = _stack(list(states.values()))
-        x_stats = model.neural_statistics(torch.cat(list(responses.values())).split(VAL_CHUNK), coords=coords,
-                                          states=None if all_states is None else all_states.split(VAL_CHUNK),
-                                          animal=m.name)
-        gx_of = dict(zip(windows, _encode_trials(model, "responses", list(responses.values()),
-                                                 list(states.values()), coords=coords, x_stats=x_stats,
-                                                 animal=m.name), strict=True))
-        key_of = {i: vset.stimulus[(m.name, i)] if m.stimulus_kind == "video" else (m.name, i)
-                  for i in windows}
-        new = {key_of[i]: i for i in windows if key_of[i] not in stimulus_cache}
-        stimuli = [windows[i]["stimulus"].to(device) for i in new.values()]
-        for key, gy in zip(new, _encode_trials(model, "stimulus", stimuli), strict=True):
-            keep = windows[new[key]]["keep"].reshape(-1)
-            stimulus_cache[key] = (gy, pnba.per_frame(gy.mu_y, keep), pnba.per_frame(gy.logvar_y, keep))
-        scored = [i for i in windows if trained and i in vset.scored.get(m.name, ())]
-        for i, w in windows.items():
-            keep, gx = w["keep"].reshape(-1), gx_of[i]
-            gy, mu_y, logvar_y = stimulus_cache[key_of[i]]
-            reps[m.name].append(data.TrialRep(m.name, str(m.tiers[i]), i, vset.stimulus[(m.name, i)],
-                                              w["valid_frames"], not trained, {
-                "mu_x": pnba.per_frame(gx.mu_x, keep), "logvar_x": pnba.per_frame(gx.logvar_x, keep),
-                "mu_y": mu_y, "logvar_y": logvar_y}))
-        if scored:
-            gys = [stimulus_cache[key_of[i]][0] for i in scored]
-            mu_y = [gy.mu_y for gy in gys]
-            mu_p = [kernels.poe(*(t.flatten(1) for t in (gx_of[i].mu_x, gx_of[i].logvar_x, gy.mu_y,
-                                                         gy.logvar_y)))[0].view_as(gy.mu_y)
-                    for i, gy in zip(scored, gys, strict=True)]
-            scored_state = _stack([states[i] for i in scored])
-            for latents, out in ((mu_y, predictions), (mu_p, fused)):
-                rates = _in_chunks(model.decode_responses, torch.cat(latents), scored_state, m.name)
-                out += [r.flatten(0, 1)[windows[i]["keep"].reshape(-1)].float().cpu()
-                        for i, r in zip(scored, rates.split([len(z) for z in latents]), strict=True)]
-            targets = [windows[i]["responses"].flatten(0, 1)[windows[i]["keep"].reshape(-1)] for i in scored]
-        a = {}
-        if predictions:
-            target = torch.cat(targets)
-            a["corr"] = _mean_corr(torch.cat(predictions), target)
-            a["corr_fused"] = _mean_corr(torch.cat(fused), target)
-            a["poisson_vs_floor"] = float(pnba.poisson_nll(torch.cat(fused)[None], target[None])
-                                          / pnba.poisson_floor(target[None]) - 1)
-            a["ceiling"], a["ridge_corr"] = vset.ceiling[m.name], vset.ridge[m.name]
-        candidates = {t.stimulus: (t.arrays["mu_y"], t.arrays["logvar_y"]) for t in reps[m.name]}
-        scored = [t for t in reps[m.name] if t.tier == "oracle"] or reps[m.name]
-        ident = stats.identification(scored, candidates)
-        a["identification_top1"], a["identification_chance"] = ident["top1"], ident["chance"]
-        per_animal[m.name] = a
-
-    def crossmodal(group):
-        results = []
-        for m in group:
-            r = reps[m.name]
-            labels, tiers = [t.stimulus for t in r], [t.tier for t in r]
-            results.append(stats.between([t.arrays["mu_x"] for t in r], [t.arrays["mu_y"] for t in r],
-                                         labels, labels, tiers, tiers, VAL_PERMUTATIONS, rng))
-        if not results:
-            return None
-        pooled = stats.combine(results)
-        centred, raw = stats.summarise(pooled["centred"]["pooled"]), stats.summarise(pooled["raw"]["pooled"])
-        return {"d": centred["cohens_d"], "p": centred["perm_p"], "paired_r": centred["paired_mean"],
-                "unpaired_r": centred["unpaired_mean"], "raw_d": raw["cohens_d"]}
-
-    zeroshot = []
-    for k, a in enumerate(heldout_mice):
-        for b in heldout_mice[k + 1:]:
-            ra, rb = reps[a.name], reps[b.name]
-            c = stats.between([t.arrays["mu_x"] for t in ra], [t.arrays["mu_x"] for t in rb],
-                              [t.stimulus for t in ra], [t.stimulus for t in rb], [t.tier for t in ra],
-                              [t.tier for t in rb], VAL_PERMUTATIONS, rng)
-            centred, raw = stats.summarise(c["centred"]["pooled"]), stats.summarise(c["raw"]["pooled"])
-            zeroshot.append({"a": a.name, "b": b.name, "d": centred["cohens_d"], "p": centred["perm_p"],
-                             "raw_d": raw["cohens_d"]})
-    first_windows = torch.stack([torch.as_tensor(t.arrays["mu_x"][:frames]) for r in reps.values() for t in r
-                                 if len(t.arrays["mu_x"]) >= frames])
-    model.train()
-    scored_animals = [per_animal[m.name] for m in train_mice if "corr" in per_animal[m.name]]
-    corr, ceiling = _mean(a["corr"] for a in scored_animals), _mean(a["ceiling"] for a in scored_animals)
-    return {
-        "corr_train_animals": corr, "corr_fused": _mean(a["corr_fused"] for a in scored_animals),
-        "ceiling": ceiling,
-        "fraction_of_ceiling": corr / ceiling if np.isfinite(ceiling) and ceiling > 0 else float("nan"),
-        "ridge_corr": _mean(a["ridge_corr"] for a in scored_animals),
-        "poisson_vs_floor": _mean(a["poisson_vs_floor"] for a in scored_animals),
-        "crossmodal_train": crossmodal(train_mice), "crossmodal_heldout": crossmodal(heldout_mice),
-        "identification_top1": _mean(per_animal[m.name]["identification_top1"] for m in train_mice),
-        "identification_chance": _mean(per_animal[m.name]["identification_chance"] for m in train_mice),
-        "zeroshot": zeroshot,
-        "latent_corr": pnba.between_trial_corr(first_windows), "per_animal": per_animal}
-
-
 # ------------------------------------------------------------------------------------------------
 # checkpoints and the end of an epoch
 # ------------------------------------------------------------------------------------------------
@@ -499,26 +223,50 @@ class Run:
     train_mice: list
     heldout_mice: list
     device: torch.device
-    vset: ValidationSet | None = None
+    ranks: Ranks
+    per_epoch: int                       # optimiser steps per epoch on every rank
+    module: torch.nn.Module | None = None    # what the loop calls: the DDP wrapper, or the model itself
+    vset: evaluate.ValidationSet | None = None
+    run_id: str = ""                     # config.json's; every checkpoint carries it
+    rng_ranks: list | None = None        # torchrun: every rank's RNG states at the checkpoint's step
+    nonfinite: int = 0                   # non-finite losses in a row
+    pending: TrainError | None = None    # rank 0's metrics line that could not be written
 
     @property
     def metrics_path(self):
         return os.path.join(self.out_dir, "metrics.jsonl")
 
+    @property
+    def master(self) -> bool:
+        return self.ranks.rank == 0
+
+    @property
+    def stop_at(self) -> int:
+        return self.cfg.run.max_steps or self.per_epoch * self.cfg.optim.epochs
+
 
 def save_checkpoint(path, run: Run, state: dict):
-    pnba.save_checkpoint(path, {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "config": config.to_dict(run.cfg),
-        "neuron_counts": dict(run.model.neuron_counts),
-        "mice": {m.name: m.n_neurons for m in run.train_mice + run.heldout_mice},
-        "heldout": sorted(m.name for m in run.heldout_mice),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        **state,
-    })
+    """Write a checkpoint whole or not at all (pnba.save_checkpoint): on a full disk or a write error the
+    previous file of that name is untouched and the run stops with one line saying so."""
+    try:
+        pnba.save_checkpoint(path, {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "config": config.to_dict(run.cfg),
+            "neuron_counts": dict(run.model.neuron_counts),
+            "mice": {m.name: m.n_neurons for m in run.train_mice + run.heldout_mice},
+            "heldout": sorted(m.name for m in run.heldout_mice),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "run_id": run.run_id,
+            **({"rng_ranks": run.rng_ranks} if run.rng_ranks else {}),
+            **state,
+        })
+    except OSError as e:
+        kept = "the previous one is intact" if os.path.exists(path) else "nothing was written"
+        raise TrainError(f"{path}: checkpoint not written ({e.strerror or e}); {kept}: make room, then "
+                         f"continue with --resume {run.out_dir}") from None
 
 
 def end_of_epoch(run: Run, step, epoch, epoch_done, done):
@@ -527,9 +275,10 @@ def end_of_epoch(run: Run, step, epoch, epoch_done, done):
     the metrics back to the checkpoint's step, so a line is never lost or repeated."""
     cfg, e = run.cfg, epoch + 1 if epoch_done else epoch
     if cfg.run.val_every and ((epoch_done and e % cfg.run.val_every == 0) or done):
-        val = validate(run.model, run.vset, run.train_mice, run.heldout_mice, cfg, run.device)
-        _append_jsonl(run.metrics_path, {"step": step, "epoch": e, "val": val})
-        tqdm.write(f"epoch {e} step {step}: {validation_line(val)}")
+        val = evaluate.validate(run.model, run.vset, run.train_mice, run.heldout_mice, cfg.data.frames,
+                                run.device)
+        rundir.append_jsonl(run.metrics_path, {"step": step, "epoch": e, "val": val})
+        tqdm.write(f"epoch {e} step {step}: {evaluate.validation_line(val)}")
     state = {"step": step, "epoch": e}
     save_checkpoint(os.path.join(run.out_dir, "last.pt"), run, state)
     if epoch_done and cfg.run.ckpt_every and e % cfg.run.ckpt_every == 0:
@@ -540,8 +289,9 @@ def report_done(run: Run, step):
     """The learning curves, and where everything is."""
     out_dir, metrics_path = run.out_dir, run.metrics_path
     curves = os.path.join(out_dir, "curves.png")
-    config.write_atomic(curves, stats.learning_curve_figure(_read_jsonl(metrics_path),
+    config.write_atomic(curves, stats.learning_curve_figure(rundir.read_jsonl(metrics_path),
                                                             os.path.basename(os.path.abspath(out_dir))))
+    reps = os.path.join(out_dir, "reps.h5")
     print(f"\ndone: {step} steps. run directory {out_dir}\n"
           f"  config       {os.path.join(out_dir, 'config.json')}\n"
           f"  metrics      {metrics_path}\n"
@@ -549,13 +299,141 @@ def report_done(run: Run, step):
           f"  checkpoint   {os.path.join(out_dir, 'last.pt')}\n"
           "next:\n"
           f"  python extract.py --ckpt {os.path.join(out_dir, 'last.pt')}\n"
-          f"  python stats_crossmodal.py {os.path.join(out_dir, 'reps.h5')}\n"
-          f"  python stats_zeroshot.py {os.path.join(out_dir, 'reps.h5')}")
+          f"  python stats_crossmodal.py {reps}\n"
+          f"  python stats_zeroshot.py {reps}\n"
+          f"  python stats_baselines.py {reps}\n"
+          f"  python adapt.py --ckpt {os.path.join(out_dir, 'last.pt')}")
 
 
 # ------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------
+
+def set_up(args, cfg, ckpt, ranks: Ranks, ddp_device) -> tuple[Run, int]:
+    """Everything checked before anything is written (run directory, device, data, model), then the run
+    directory made ready and the untrained model validated (rank 0). Returns the run and its first step."""
+    rank, world = ranks.rank, ranks.world
+    out_dir = rundir.plan_run_dir(args, rank, world)
+    device = config.pick_device(cfg.run.device, ddp_device)
+    train_mice, heldout_mice = resolve_data(cfg, rank, ranks)
+    data.check_run_data(train_mice, heldout_mice, cfg.data.frames, cfg.model.state_input)
+    if ckpt is not None:
+        pnba.check_mice(ckpt, {m.name: m.n_neurons for m in train_mice + heldout_mice}, source=args.resume)
+    per_epoch = data.train_batches_per_epoch(train_mice, cfg.data.batch_size, rank, world)
+    if per_epoch == 0:
+        raise TrainError(f"no training windows: batch size {cfg.data.batch_size} is larger than "
+                         f"every mouse's train tier")
+    model = build_model(cfg, train_mice, device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, per_epoch * cfg.optim.epochs)
+    step = 0 if ckpt is None else restore(ckpt, args.resume, model, optimizer, scheduler, rank, world)
+    ranks.agree()                   # the set-up held on every rank, or every rank stops here
+    ranks.agreeable = False
+    run = Run(cfg, out_dir, model, optimizer, scheduler, train_mice, heldout_mice, device, ranks, per_epoch,
+              run_id=(ckpt or {}).get("run_id") or uuid.uuid4().hex)
+    # one mouse per batch: the other mice's decoder heads get no gradient in that step
+    run.module = model if world == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda"
+                                              else None, find_unused_parameters=True)
+    ranks.agreeable = True          # rank 0 alone until agree(): a failure reaches the others there
+    if run.master:
+        start_run_dir(run, args, step)
+    ranks.agree()
+    ranks.agreeable = False
+    return run, step
+
+
+def start_run_dir(run: Run, args, step: int) -> None:
+    """Rank 0: warnings about skipped recordings, the run directory, the validation set and the untrained
+    model's validation (where every learning curve starts)."""
+    animals = run.train_mice + run.heldout_mice
+    for m in animals:
+        if getattr(m, "skipped_line", None) and m.skipped_line():
+            print(f"warning: {m.skipped_line()}", file=sys.stderr)
+    rundir.set_up_run_dir(run.out_dir, args, run.cfg, step, rundir.run_records(run.run_id, animals))
+    if step:
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        print(f"continuing {run.out_dir} from step {step}" + (f" (torchrun restart {restarts})"
+                                                              if restarts else ""))
+    print(f"run {run.out_dir}: {len(run.train_mice)} training animals, {len(run.heldout_mice)} held out "
+          f"({', '.join(m.name for m in run.heldout_mice) or 'none'}); {run.per_epoch} steps/epoch x "
+          f"{run.ranks.world} rank(s); device {run.device}")
+    if run.cfg.run.val_every:
+        run.vset = evaluate.prepare_validation(run.train_mice, run.heldout_mice)
+        if step == 0:
+            untrained = evaluate.validate(run.model, run.vset, run.train_mice, run.heldout_mice,
+                                          run.cfg.data.frames, run.device)
+            rundir.append_jsonl(run.metrics_path, {"step": 0, "epoch": 0, "val": untrained})
+
+
+def train_step(run: Run, batch: dict, step: int, amp):
+    """One optimiser step on one batch; returns the model's output, or None when the loss was not finite
+    on some rank (every rank then skips the step together, or DDP hangs in backward)."""
+    cfg, optimizer = run.cfg, run.optimizer
+    batch = batch_to(batch, run.device)
+    mouse = next(m for m in run.train_mice if m.name == batch["mouse"])
+    with amp:
+        out = run.module(batch["responses"], batch["stimulus"], batch["mouse"],
+                         coords=mouse.coords_tensor(run.device), align_scale=align_scale(cfg, step),
+                         observed=batch.get("observed"), state=batch.get("state"))
+    loss = out.losses.total
+    finite = torch.isfinite(loss.detach()).float()
+    if run.ranks.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    optimizer.zero_grad(set_to_none=True)
+    if finite.item() < 1:
+        return None
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.module.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    run.scheduler.step()
+    return out
+
+
+def step_record(run: Run, out, batch: dict, step: int, epoch: int, windows_per_s: float) -> dict:
+    """A metrics.jsonl line: the loss terms, the constant-rate floor and the collapse alarm."""
+    return {"step": step, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0],
+            **{k: float(v.detach()) for k, v in out.losses._asdict().items()},
+            "poisson_floor": float(pnba.poisson_floor(batch["responses"])),
+            "latent_corr": pnba.between_trial_corr(out.gaussians.mu_x), "windows_per_s": windows_per_s}
+
+
+def run_epoch(run: Run, epoch: int, step: int, start_batch: int, bar, amp) -> int:
+    """The steps of one epoch from batch start_batch, up to run.stop_at; returns the step reached. A
+    metrics line rank 0 could not write is kept in run.pending: raised at the epoch's end, where every rank
+    learns of it."""
+    cfg = run.cfg
+    t_log, windows_log = time.time(), 0
+    loader = data.make_train_loader(run.train_mice, cfg.data.frames, cfg.data.batch_size,
+                                    cfg.data.num_workers, cfg.run.seed, epoch, run.ranks.rank,
+                                    run.ranks.world, start_batch=start_batch,
+                                    state=cfg.model.state_input != "none")
+    for batch in loader:
+        out = train_step(run, batch, step, amp)
+        if out is None:
+            run.nonfinite += 1
+            warnings.warn(f"step {step}: non-finite loss, step skipped ({run.nonfinite} in a row)",
+                          stacklevel=1)
+            if run.nonfinite >= cfg.optim.max_nonfinite:        # on every rank at once (all-reduced)
+                run.ranks.everyone_fails()
+                raise TrainError(f"{run.nonfinite} non-finite losses in a row at step {step}: "
+                                 f"lower --optim.lr or enable --optim.grad_clip")
+            continue
+        run.nonfinite, step = 0, step + 1
+        windows_log += batch["responses"].shape[0] * run.ranks.world
+        bar.update(1)
+        if run.master and (step % cfg.run.log_every == 0 or step == run.stop_at):
+            rec = step_record(run, out, batch, step, epoch, windows_log / max(time.time() - t_log, 1e-9))
+            try:
+                rundir.append_jsonl(run.metrics_path, rec)
+            except TrainError as e:
+                run.pending = run.pending or e
+            bar.set_postfix(loss=f"{rec['total']:.4g}", win_s=f"{rec['windows_per_s']:.0f}")
+            t_log, windows_log = time.time(), 0
+        if step >= run.stop_at:
+            break
+    return step
+
 
 def train(argv=None):
     """Run training; returns the run directory. argv defaults to sys.argv[1:]."""
@@ -563,162 +441,85 @@ def train(argv=None):
     if args.help_config:
         print(config.help_text())
         return None
-    rank, world, ddp_device = setup_distributed()
-    master = rank == 0
+    # the config (and --resume auto's choice) on every rank before the ranks meet: nothing is written yet
+    rundir.resolve_resume(args)
+    cfg, ckpt = rundir.build_config(args, rest)
+    rank, world, ddp_device = setup_distributed(cfg.run.collective_timeout_s)
+    ranks, ok, bar = Ranks(rank, world), False, None
     try:
-        # everything is checked before anything is written: config, run directory, device, data
-        cfg, ckpt = build_config(args, rest)
-        out_dir = plan_run_dir(args, rank, world)
-        device = config.pick_device(cfg.run.device, ddp_device)
-        train_mice, heldout_mice = resolve_data(cfg, rank)
-        data.check_run_data(train_mice, heldout_mice, cfg.data.frames, cfg.model.state_input)
-        if ckpt is not None:
-            pnba.check_mice(ckpt, {m.name: m.n_neurons for m in train_mice + heldout_mice},
-                            source=args.resume)
-        per_epoch = data.train_batches_per_epoch(train_mice, cfg.data.batch_size, rank, world)
-        if per_epoch == 0:
-            raise TrainError(f"no training windows: batch size {cfg.data.batch_size} is larger than "
-                             f"every mouse's train tier")
-        total_steps = per_epoch * cfg.optim.epochs
-
-        raw_model = build_model(cfg, train_mice, device)
-        optimizer = make_optimizer(raw_model, cfg)
-        scheduler = make_scheduler(optimizer, cfg, total_steps)
-        step = 0 if ckpt is None else restore(ckpt, args.resume, raw_model, optimizer, scheduler)
-        # one mouse per batch: the other mice's decoder heads get no gradient in that step
-        model = raw_model if world == 1 else DDP(raw_model, device_ids=[device.index] if device.type == "cuda"
-                                                 else None, find_unused_parameters=True)
-        run = Run(cfg, out_dir, raw_model, optimizer, scheduler, train_mice, heldout_mice, device)
-        if master:
-            set_up_run_dir(out_dir, args, cfg, step)
-            print(f"run {out_dir}: {len(train_mice)} training animals, {len(heldout_mice)} held out "
-                  f"({', '.join(m.name for m in heldout_mice) or 'none'}); {per_epoch} steps/epoch x "
-                  f"{world} rank(s); device {device}")
-            run.vset = prepare_validation(train_mice, heldout_mice) if cfg.run.val_every else None
-            if run.vset is not None and step == 0:    # the untrained model: where every learning curve starts
-                untrained = validate(raw_model, run.vset, train_mice, heldout_mice, cfg, device)
-                _append_jsonl(run.metrics_path, {"step": 0, "epoch": 0, "val": untrained})
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.run.amp) \
+        run, step = set_up(args, cfg, ckpt, ranks, ddp_device)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (run.device.type == "cuda" and cfg.run.amp) \
             else contextlib.nullcontext()
-
-        stop_at = cfg.run.max_steps or total_steps
-        nonfinite = 0
-        start_epoch, start_batch = divmod(step, per_epoch)
-        bar = tqdm(total=stop_at, initial=step, disable=not master, dynamic_ncols=True)
-        model.train()
-        t_log, windows_log = time.time(), 0
+        start_epoch, start_batch = divmod(step, run.per_epoch)
+        bar = tqdm(total=run.stop_at, initial=step, disable=not run.master, dynamic_ncols=True)
+        run.module.train()
         for epoch in range(start_epoch, cfg.optim.epochs):
-            if step >= stop_at:
+            if step >= run.stop_at:
                 break
-            loader = data.make_train_loader(train_mice, cfg.data.frames, cfg.data.batch_size,
-                                            cfg.data.num_workers, cfg.run.seed, epoch, rank, world,
-                                            start_batch=start_batch if epoch == start_epoch else 0,
-                                            state=cfg.model.state_input != "none")
-            for batch in loader:
-                batch = batch_to(batch, device)
-                mouse = next(m for m in train_mice if m.name == batch["mouse"])
-                with amp:
-                    out = model(batch["responses"], batch["stimulus"], batch["mouse"],
-                                coords=mouse.coords_tensor(device), align_scale=align_scale(cfg, step),
-                                observed=batch.get("observed"), state=batch.get("state"))
-                loss = out.losses.total
-                finite = torch.isfinite(loss.detach()).float()
-                if world > 1:  # every rank must skip together, or DDP hangs in backward
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() < 1:
-                    nonfinite += 1
-                    warnings.warn(f"step {step}: non-finite loss ({loss.item()}), step skipped "
-                                  f"({nonfinite} in a row)", stacklevel=1)
-                    optimizer.zero_grad(set_to_none=True)
-                    if nonfinite >= cfg.optim.max_nonfinite:
-                        raise TrainError(f"{nonfinite} non-finite losses in a row at step {step}: "
-                                         f"lower --optim.lr or enable --optim.grad_clip")
-                    continue
-                nonfinite = 0
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                windows_log += batch["responses"].shape[0] * world
-                bar.update(1)
-                if master and (step % cfg.run.log_every == 0 or step == stop_at):
-                    dt = time.time() - t_log
-                    rec = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                           **{k: float(v.detach()) for k, v in out.losses._asdict().items()},
-                           "poisson_floor": float(pnba.poisson_floor(batch["responses"])),
-                           "latent_corr": pnba.between_trial_corr(out.gaussians.mu_x),
-                           "windows_per_s": windows_log / max(dt, 1e-9)}
-                    _append_jsonl(run.metrics_path, rec)
-                    bar.set_postfix(loss=f"{rec['total']:.4g}", win_s=f"{rec['windows_per_s']:.0f}")
-                    t_log, windows_log = time.time(), 0
-                if step >= stop_at:
-                    break
-            epoch_done, done = step % per_epoch == 0 and step > 0, step >= stop_at
-            if master and (epoch_done or done):
-                end_of_epoch(run, step, epoch, epoch_done, done)
+            step = run_epoch(run, epoch, step, start_batch if epoch == start_epoch else 0, bar, amp)
+            epoch_done, done = step % run.per_epoch == 0 and step > 0, step >= run.stop_at
+            if epoch_done or done:
+                run.rng_ranks = rank_rng_states(world)
+                ranks.agreeable = True      # rank 0 alone until agree()
+                if run.pending is not None:
+                    raise run.pending
+                if run.master:
+                    end_of_epoch(run, step, epoch, epoch_done, done)
+                ranks.agree()
+                ranks.agreeable = False
             if done:
                 break
         bar.close()
-        if world > 1:
-            check_replicas(raw_model, master)
-        if master:
-            report_done(run, step)
-        del model, raw_model, optimizer, run
+        finish(run, step)
+        out_dir, run = run.out_dir, None    # the model freed before the ranks leave together
+        ok = True
         return out_dir
+    except BaseException as e:
+        if bar is not None:
+            bar.close()                 # the error line below the progress bar, not after it
+        failure = ranks.fail(e)
+        if failure is e:
+            raise
+        raise failure from None
     finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        ranks.close(ok)
 
 
-def check_replicas(model, master):
-    """DDP keeps every rank's weights identical; verify it once at the end rather than trust it."""
-    digest = torch.stack([p.detach().double().sum() for p in model.parameters()])  # NCCL: on device
-    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, digest)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise TrainError("DDP replicas diverged: the ranks hold different weights")
-    if master:
-        print(f"replicas identical on {len(gathered)} ranks")
-
-
-def validation_line(val: dict) -> str:
-    """One progress line: the stimulus -> neural prediction against its anchors, then alignment."""
-    f = stats.fmt
-    parts = [f"val corr {f(val['corr_train_animals'], '.3f')} ({f(val['fraction_of_ceiling'], '.0%')} of "
-             f"the repeat ceiling {f(val['ceiling'], '.3f')}; pixel ridge {f(val['ridge_corr'], '.3f')}), "
-             f"fused Poisson {f(val['poisson_vs_floor'], '+.1%')} vs floor"]
-    for group in ("train", "heldout"):
-        c = val[f"crossmodal_{group}"]
-        if c is not None:
-            parts.append(f"cross-modal {group} d {f(c['d'], '.2f')} (p {f(c['p'], '.3f')})")
-    parts.append(f"identification top-1 {f(val['identification_top1'], '.2f')} "
-                 f"(chance {f(val['identification_chance'], '.2f')})")
-    parts += [f"zero-shot {z['a'][:12]} x {z['b'][:12]} d {f(z['d'], '.2f')}" for z in val["zeroshot"]]
-    parts.append(f"latent_corr {f(val['latent_corr'], '.2f')}")
-    return ", ".join(parts)
-
-
-def _read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _append_jsonl(path, rec):
-    with open(path, "a") as f:
-        f.write(json.dumps(stats.jsonable(rec)) + "\n")
+def finish(run: Run, step: int) -> None:
+    """The replicas checked to be identical (torchrun), then the learning curves and where everything is."""
+    if run.ranks.world > 1:
+        try:
+            check_replicas(run.model, run.master)
+        except TrainError:
+            run.ranks.everyone_fails()
+            raise
+    run.ranks.agreeable = True
+    if run.master:
+        report_done(run, step)
+    run.ranks.agree()
 
 
 def main(argv=None):
+    """0 done; 2 one line on stderr (under torchrun: from the first rank that failed). A rank that failed
+    where the others could not learn of it leaves at once (os._exit), so that it never waits for them."""
+    code, abandon = 0, False
     try:
         train(argv)
-    except (TrainError, data.DataError, config.ConfigError, pnba.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except (TrainError, data.DataError, config.ConfigError, pnba.CheckpointError, OSError) as e:
+        if getattr(e, "pnba_speaks", True):
+            line = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            print(f"error: {line}", file=sys.stderr)
+        code, abandon = 2, getattr(e, "pnba_abandon", False)
+    except BaseException as e:
+        if not getattr(e, "pnba_abandon", False):
+            raise
+        traceback.print_exc()
+        code, abandon = 1, True
+    if abandon:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
