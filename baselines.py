@@ -10,12 +10,12 @@ with a few frames of history and the squares of those features (a quadratic nonl
 neuron's response. It is what a user asks a deep model to beat, and it reads the stimulus exactly as the
 model does (normalised(), the config's video size).
 
-The alignment baselines beside the zero-shot analysis (`stats_zeroshot.py --baselines`) take, per animal, a
-Session: per-trial neural arrays, per-trial stimulus (or behaviour) features and the stimulus label of each
-trial, never a model (mouse_session reads a data.Mouse; array_session wraps arrays, e.g. another species'
-spikes and kinematics). `zeroshot` scores them with stats.between on the same pairs and trials as PNBA:
+The alignment baselines beside the zero-shot analysis (`stats_baselines.py`) take, per animal, a Session:
+per-trial neural arrays, per-trial stimulus (or behaviour) features and the stimulus label of each trial,
+never a model (animal_session reads any recording, data.Animal; array_session wraps arrays). `zeroshot`
+scores them with stats.between on the same pairs and trials as PNBA:
 
-    sessions = {m.name: mouse_session(m, trials_of[m.name]) for m in mice}
+    sessions = {m.name: animal_session(m, trials_of[m.name]) for m in mice}
     out = zeroshot(sessions, [(a, b)], ["pca_cca", "cebra", "pca", "stimulus", "summary"], n_perm=1000,
                    seed=0)
 
@@ -24,9 +24,10 @@ spikes and kinematics). `zeroshot` scores them with stats.between on the same pa
   fitted on their trials of a random half of the stimuli and scored only on trials of the other stimuli,
   over SPLITS random halves (mean and sd over splits).
 - cebra (Schneider et al. 2023; optional dependency): multi-session CEBRA-Behavior, one encoder per animal,
-  video PCs as the continuous label, trained on the same fit halves and scored on the same other trials.
+  stimulus PCs as the continuous label, trained on the same fit halves and scored on the same other trials.
 - pca: each animal's own PCs compared as they are, no alignment (the floor).
-- stimulus: the video PCs themselves, identical for two animals shown the same video (the ceiling).
+- stimulus: the stimulus PCs themselves (video; behaviour for reaching), identical for two animals shown the
+  same video (the ceiling).
 - summary: per frame, statistics over the animal's neurons of its responses, each neuron z-scored over the
   animal's analysed trials (mean, sd, 10/50/90% quantiles; each statistic then z-scored over the animal's
   frames): what an encoder that ignores which neuron is which can read without any training or fitting.
@@ -44,88 +45,55 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import decoding
 import stats
-from data import DataError
-from stats import per_neuron_corr
+from data import Animal, DataError
 
 RIDGE_GRID = (4, 8)                           # pooled video grid (height, width)
 RIDGE_LAGS = 5                                # frames of history: t, t-1, ..., t-4
-RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
-RIDGE_FOLDS = 4
 
 
 def _features(stimulus: torch.Tensor) -> np.ndarray:
     """(T, H, W) video pooled to RIDGE_GRID (G = gh * gw), or (T, G) behaviour as it is -> (T, 2 * lags * G):
-    the features with their history (zeros before frame 0), and their squares."""
+    the features with their history (decoding.lagged: zeros before frame 0), and their squares."""
     if stimulus.dim() == 2:
         pooled = stimulus.double().numpy()
     else:
         pooled = F.adaptive_avg_pool2d(stimulus[:, None].double(), RIDGE_GRID).flatten(1).numpy()
-    lagged = np.concatenate([np.concatenate([np.zeros((k, pooled.shape[1])), pooled[:len(pooled) - k]])
-                             for k in range(RIDGE_LAGS)], axis=1)
-    return np.concatenate([lagged, lagged ** 2], axis=1)
-
-
-def _solve(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    """Ridge weights (features, N) for standardised x (samples, features) and centred y."""
-    gram = x.T @ x
-    return np.linalg.solve(gram + alpha * len(x) * np.eye(len(gram)), x.T @ y)
+    history = decoding.lagged(pooled, RIDGE_LAGS)
+    return np.concatenate([history, history ** 2], axis=1)
 
 
 @dataclass
 class PixelRidge:
-    """A fitted pixel ridge for one animal: feature mean/scale, weights (features, N), response mean (N,),
-    and the penalty chosen by cross-validation over trials."""
+    """A fitted pixel ridge for one animal: decoding.fit_ridge from the stimulus features (_features) to the
+    responses (N,), its penalty chosen by cross-validation over trials (ridge.alpha)."""
 
-    mean: np.ndarray
-    scale: np.ndarray
-    weights: np.ndarray
-    offset: np.ndarray
-    alpha: float
+    ridge: decoding.Ridge
 
-    def predict(self, mouse, trial: int) -> np.ndarray:
+    def predict(self, mouse: Animal, trial: int) -> np.ndarray:
         """Predicted responses (T, N) of the trial's valid frames."""
         video, _ = mouse.normalised(trial)
-        return ((_features(video) - self.mean) / self.scale) @ self.weights + self.offset
+        return self.ridge.predict([_features(video)])[0]
 
 
-def pixel_ridge(mouse, trials) -> PixelRidge:
-    """Fit on `trials` of `mouse` (data.Mouse); the penalty is chosen by RIDGE_FOLDS-fold cross-validation
-    over whole trials (frames of one trial are never split between fit and test)."""
+def pixel_ridge(mouse: Animal, trials) -> PixelRidge:
+    """Fit on `trials` of `mouse` with decoding.fit_ridge: frames of one trial are never split between the
+    cross-validation's fitting and test folds."""
     trials = [int(i) for i in trials]
-    if len(trials) < RIDGE_FOLDS:
-        raise ValueError(f"{mouse.path}: {len(trials)} trials to fit the pixel ridge on, need {RIDGE_FOLDS}")
+    if len(trials) < 2:
+        raise ValueError(f"{mouse.path}: {len(trials)} trials to fit the pixel ridge on, need 2 to choose "
+                         "its penalty")
     xs, ys = [], []
     for i in trials:
         video, responses = mouse.normalised(i)
         xs.append(_features(video))
         ys.append(responses.double().numpy())
-    x_all = np.concatenate(xs)
-    mean, scale = x_all.mean(0), x_all.std(0) + 1e-8
-    fold_of = np.arange(len(trials)) % RIDGE_FOLDS
-    scores = []
-    for alpha in RIDGE_ALPHAS:
-        prediction, target = [], []
-        for fold in range(RIDGE_FOLDS):
-            fit = [k for k in range(len(trials)) if fold_of[k] != fold]
-            test = [k for k in range(len(trials)) if fold_of[k] == fold]
-            x = (np.concatenate([xs[k] for k in fit]) - mean) / scale
-            y = np.concatenate([ys[k] for k in fit])
-            w = _solve(x - x.mean(0), y - y.mean(0), alpha)
-            prediction.append((np.concatenate([xs[k] for k in test]) - mean) / scale @ w
-                              - x.mean(0) @ w + y.mean(0))
-            target.append(np.concatenate([ys[k] for k in test]))
-        scores.append(np.nanmean(per_neuron_corr(np.concatenate(prediction), np.concatenate(target))))
-    alpha = RIDGE_ALPHAS[int(np.nanargmax(scores))]
-    x = (x_all - mean) / scale
-    y = np.concatenate(ys)
-    w = _solve(x - x.mean(0), y - y.mean(0), alpha)
-    return PixelRidge(mean, scale, w, y.mean(0) - x.mean(0) @ w, alpha)
-
+    return PixelRidge(decoding.fit_ridge(xs, ys))
 
 
 # ---------------------------------------------------------------------------------------------
-# Alignment baselines beside the zero-shot analysis (stats_zeroshot.py --baselines)
+# Alignment baselines beside the zero-shot analysis (stats_baselines.py)
 # ---------------------------------------------------------------------------------------------
 
 BASELINES = ("pca_cca", "cebra", "pca", "stimulus", "summary")
@@ -149,9 +117,9 @@ class Session:
 
     read(k) -> (neural (T_k, N), stimulus (T_k, P)) float arrays of trial k, read on demand so that a
     dataset need not fit in memory. labels (n,) int: the stimulus of each trial (the pairing key); tiers
-    (n,) str: blocks and permutation strata, as in stats.between. Mouse V1: normalised responses and the
-    pooled video (mouse_session). Another recording plugs in with its own read (monkey M1/PMd: binned
-    spikes and hand kinematics, the reach condition as the label); array_session wraps arrays in memory.
+    (n,) str: blocks and permutation strata, as in stats.between. A recording (animal_session): mouse V1,
+    normalised responses and the pooled video; monkey M1/PMd, spike counts (the unit's mean where it was not
+    recorded) and hand velocity, the reach condition as the label. array_session wraps arrays in memory.
     """
 
     name: str
@@ -169,26 +137,34 @@ def array_session(name: str, neural: list[np.ndarray], stimulus: list[np.ndarray
                    lambda k: (np.asarray(neural[k]), np.asarray(stimulus[k])))
 
 
-def mouse_session(mouse, trials: list) -> Session:
-    """The trials (data.TrialRep: trial, tier, stimulus, valid_frames) of one data.Mouse: responses (T, N)
-    as data.Mouse.normalised gives them, and that video average-pooled to VIDEO_GRID (T, gh * gw).
-    DataError (one line) if the folder disagrees with the representations: a trial of another tier or
-    with another number of valid frames (the data changed since extraction)."""
+def check_trials(animal: Animal, trials: list) -> None:
+    """DataError (one line) unless every trial (data.TrialRep) of the representations is in the recording as
+    it was extracted: the same tier and number of valid frames (else the data changed since extraction)."""
     for t in trials:
-        found = str(mouse.tiers[t.trial]) if 0 <= t.trial < len(mouse.tiers) else "no such trial"
+        found = str(animal.tiers[t.trial]) if 0 <= t.trial < len(animal.tiers) else "no such trial"
         if found != t.tier:
-            raise DataError(f"{mouse.path}: trial {t.trial} is {found!r} in the data but {t.tier!r} in the "
+            raise DataError(f"{animal.path}: trial {t.trial} is {found!r} in the data but {t.tier!r} in the "
                             "representations; pass the folders it was extracted from with --data")
-        if mouse.valid_frames(t.trial) != t.valid_frames:
-            raise DataError(f"{mouse.path}: trial {t.trial} has {mouse.valid_frames(t.trial)} valid frames, "
-                            f"the representations {t.valid_frames}; pass the folders it was extracted from")
-    grid = (min(VIDEO_GRID[0], mouse.height), min(VIDEO_GRID[1], mouse.width))
+        if animal.valid_frames(t.trial) != t.valid_frames:
+            raise DataError(f"{animal.path}: trial {t.trial} has {animal.valid_frames(t.trial)} valid "
+                            f"frames, the representations {t.valid_frames}; pass the folders it was "
+                            "extracted from")
+
+
+def animal_session(animal: Animal, trials: list) -> Session:
+    """The trials (data.TrialRep: trial, tier, stimulus, valid_frames) of one animal (check_trials first):
+    responses (T, N) as Animal.normalised gives them, and the stimulus as features (T, P): a video (T, H, W)
+    average-pooled to at most VIDEO_GRID (P = gh * gw), behaviour (T, D) as it is."""
+    check_trials(animal, trials)
 
     def read(k: int) -> tuple[np.ndarray, np.ndarray]:
-        video, responses = mouse.normalised(trials[k].trial)
-        return responses.numpy(), F.adaptive_avg_pool2d(video[:, None], grid).flatten(1).numpy()
+        stimulus, responses = animal.normalised(trials[k].trial)
+        if stimulus.dim() == 2:
+            return responses.numpy(), stimulus.numpy()
+        grid = (min(VIDEO_GRID[0], stimulus.shape[1]), min(VIDEO_GRID[1], stimulus.shape[2]))
+        return responses.numpy(), F.adaptive_avg_pool2d(stimulus[:, None], grid).flatten(1).numpy()
 
-    return Session(mouse.name, np.array([t.stimulus for t in trials], np.int64),
+    return Session(animal.name, np.array([t.stimulus for t in trials], np.int64),
                    np.array([t.tier for t in trials]).astype(str), read)
 
 
@@ -474,9 +450,9 @@ def describe(method: str, k: int, n_splits: int, log1p: bool) -> tuple[str, str]
         "pca_cca": (f"PCA ({k}) of each animal's own {responses}; CCA on the pair's trials of a random half "
                     f"of the stimuli, scored on the others ({n_splits} splits)", "no"),
         "cebra": (f"multi-session CEBRA-Behavior on every animal's trials of a random half of the stimuli, "
-                  f"video PCs as labels, scored on the others ({n_splits} splits)", "no"),
+                  f"stimulus PCs as labels, scored on the others ({n_splits} splits)", "no"),
         "pca": (f"PCA ({k}) of each animal's own {responses}, no alignment (floor)", "n/a"),
-        "stimulus": (f"video PCs ({k}), no neural data (ceiling)", "n/a"),
+        "stimulus": (f"stimulus PCs ({k}) of the video or the behaviour, no neural data (ceiling)", "n/a"),
         "summary": (f"mean, sd and {'/'.join(f'{q:.0%}' for q in SUMMARY_QUANTILES)} quantiles over the "
                     f"animal's neurons of its z-scored {responses} per frame: identity-free, nothing fitted",
                     "n/a"),

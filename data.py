@@ -4,6 +4,7 @@ python data.py check DIR_OR_FILE [...] [--json]
 The data layer as the scripts see it: one interface over both kinds of recording, whose parts live in
 recordings/ (one job per module):
 
+    recordings/animal.py         the recording interface (Animal, BehaviourAnimal): all that scripts call
     recordings/sensorium.py      Sensorium 2023 mouse folders (Mouse): reading and normalising
     recordings/nwb.py            NWB monkey motor cortex (Session, Monkey): spikes, kinematics, trials
     recordings/pairing.py        the same video across mice and within a mouse, from pixels
@@ -12,7 +13,7 @@ recordings/ (one job per module):
     recordings/synthetic_nwb.py  synthetic NWB files
     recordings/reps.py           the representations file (extract.py writes it, the stats scripts read it)
 
-    animals = open_recordings(cfg.data)                   # Mouse or Monkey objects, one interface
+    animals = mice_from_config(cfg.data)                  # Mouse or Monkey objects: recordings.animal.Animal
     stimulus, responses = animals[0].normalised(i)         # video (T, H, W) or kinematics (T, D); (T, N)
     loader = make_train_loader(animals, frames, batch_size, workers, seed=42, epoch=0)
     groups = stimulus_groups(animals)                        # (animal, trial) -> stimulus / condition id
@@ -30,12 +31,14 @@ from collections import defaultdict
 import numpy as np
 
 from recordings import nwb, synthetic_nwb
+from recordings.animal import Animal, BehaviourAnimal
 from recordings.common import TRUTH_DIR, DataError, open_hdf5
 from recordings.pairing import pairs, repeats, stimulus_groups
 from recordings.reps import (
     REPS_ARRAYS,
     REPS_DATA_ARRAYS,
     TrialRep,
+    read_attributes,
     read_representations,
     write_representations,
 )
@@ -49,15 +52,16 @@ from recordings.windows import (
     train_batches_per_epoch,
 )
 
-__all__ = ["TRUTH_DIR", "DataError", "open_hdf5", "pairs", "repeats", "stimulus_groups", "REPS_ARRAYS",
-           "REPS_DATA_ARRAYS", "TrialRep", "read_representations", "write_representations", "TEST_TIERS",
+__all__ = ["Animal", "BehaviourAnimal", "TRUTH_DIR", "DataError", "open_hdf5", "pairs", "repeats",
+           "stimulus_groups", "REPS_ARRAYS", "REPS_DATA_ARRAYS", "TrialRep", "read_attributes",
+           "read_representations", "write_representations", "TEST_TIERS",
            "Mouse", "find_mice", "open_mice", "response_precision", "SYNTH_PRESETS", "read_synthetic_truth",
            "write_synthetic", "check_run_data", "check_state", "eval_windows", "make_train_loader",
            "train_batches_per_epoch", "mice_from_config", "check_stimulus", "write_synthetic_dataset",
            "main"]
 
 
-def mice_from_config(data_cfg, paths=None) -> list:
+def mice_from_config(data_cfg, paths=None) -> list[Animal]:
     """The animals of `paths` (default: data_cfg.paths) opened as a run's config.DataConfig says: Sensorium
     mice (response floor, video size), or, when the paths name .nwb files or folders holding them, one
     nwb.Monkey per session (bin width, trial window, area). Every script opens its data here, so that what

@@ -10,10 +10,12 @@ Definitions:
   own mean of that component; "mean" averages the components. Negative when worse than that mean.
 - Inputs are standardised with the fitting set's per-feature mean and sd (a constant feature gets sd 1, so
   it stays constant and carries no weight); the networks also standardise the targets and undo it.
-- linear: ridge with intercept, alpha from ALPHAS (up to inf: the fitting mean alone) by k-fold
-  cross-validation, chosen by the pooled R² of the out-of-fold predictions. Folds are groups of trials when
-  groups are given and there are at least two (zero-shot: the fitting subjects, so the penalty is the one
-  that carries over to an animal not fitted on), else trials (stratified by condition when labels are given).
+- linear: fit_ridge, the one cross-validated ridge of this project (also the rates ridge's and
+  baselines.pixel_ridge's; lagged gives both their history): ridge with intercept, alpha from ALPHAS (up to
+  inf: the fitting mean alone) by k-fold cross-validation, chosen by the pooled R² of the out-of-fold
+  predictions. Folds are groups of trials when groups are given and there are at least two (zero-shot: the
+  fitting subjects, so the penalty is the one that carries over to an animal not fitted on), else trials
+  (stratified by condition when labels are given).
 - mlp: one hidden layer (HIDDEN_MLP units, tanh) applied to every frame; gru: one GRU layer (HIDDEN_GRU)
   over the frames of a trial with a linear readout. Both full-batch Adam (Training), early-stopped on a
   held-out share of the fitting trials (whole groups when given, else trials stratified like the folds):
@@ -129,6 +131,19 @@ def cv_folds(n: int, k: int, labels: Sequence | None = None, seed: int = 0,
     return trial_folds(n, min(k, n), labels, seed)
 
 
+def out_of_fold(n: int, fit_predict: Callable[[np.ndarray, np.ndarray], list], folds: int = FOLDS,
+                labels: Sequence | None = None, seed: int = 0) -> list:
+    """Out-of-fold predictions of n trials: for each fold of trial_folds (min(folds, n) folds, stratified by
+    labels), fit_predict(fit indices, test indices) -> the test trials' predictions, in their order."""
+    fold = trial_folds(n, min(folds, n), labels, seed)
+    predicted: list = [None] * n
+    for k in np.unique(fold):
+        fit_idx, test_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+        for i, p in zip(test_idx, fit_predict(fit_idx, test_idx), strict=True):
+            predicted[i] = p
+    return predicted
+
+
 def _aligned(latents: Sequence[np.ndarray], behaviour: Sequence[np.ndarray]) -> tuple[list, list]:
     """Each trial cut to the frames both arrays have (their common leading frames)."""
     n = [min(len(x), len(y)) for x, y in zip(latents, behaviour, strict=True)]
@@ -137,7 +152,7 @@ def _aligned(latents: Sequence[np.ndarray], behaviour: Sequence[np.ndarray]) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoders: fit(x, y, labels, seed) -> object with predict(list of (T, L)) -> list of (T, D)
+# Decoders: fit(x, y, labels, seed) -> object with predict(list of (T, L)) -> list of (T, D); the ridge
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -157,37 +172,55 @@ class Ridge:
         return {"alpha": self.alpha, "cv_r2": {f"{a:.3g}": s for a, s in self.cv_r2.items()}}
 
 
-def _ridge_per_alpha(x: Sequence[np.ndarray], y: Sequence[np.ndarray],
-                     alphas: Sequence[float]) -> list[Ridge]:
-    """One Ridge per alpha on the same fitting set, from one eigendecomposition of X'X."""
+def lagged(x: np.ndarray, history: int) -> np.ndarray:
+    """(T, F) -> (T, F * history): x at t, t-1, ..., t-history+1 side by side (blocks of F columns), zeros
+    before the first frame. The ridge's features with a history (rates ridge, baselines.pixel_ridge)."""
+    T, F = x.shape
+    out = np.zeros((T, F * history))
+    for h in range(min(history, T)):
+        out[h:, h * F:(h + 1) * F] = x[:T - h]
+    return out
+
+
+def _ridge_path(x: Sequence[np.ndarray], y: Sequence[np.ndarray],
+                alphas: Sequence[float]) -> tuple[Standardiser, np.ndarray, np.ndarray]:
+    """The inputs' Standardiser, coefficients (A, F, D) for each of the A alphas and the intercept (D,), from
+    one eigendecomposition of X'X of the standardised fitting frames."""
     scale = Standardiser.fit(x)
     xs = scale(np.concatenate(x))
     ys = np.concatenate(y).astype(np.float64)
     intercept = ys.mean(0)
     s, v = np.linalg.eigh(xs.T @ xs)
     projected = v.T @ (xs.T @ (ys - intercept))
-    return [Ridge(scale, v @ (projected / (s + a)[:, None]), intercept, float(a), {}) for a in alphas]
+    return scale, np.stack([v @ (projected / (s + a)[:, None]) for a in alphas]), intercept
 
 
 def fit_ridge(x: Sequence[np.ndarray], y: Sequence[np.ndarray], labels: Sequence | None = None, seed: int = 0,
               alphas: Sequence[float] = ALPHAS, folds: int = FOLDS, groups: Sequence | None = None) -> Ridge:
-    """Ridge from x (T, L) to y (T, D) per trial, alpha by k-fold cross-validation (cv_folds: over groups
-    of trials, e.g. animals, when given)."""
+    """The one cross-validated ridge of this project (the linear decoder, the rates ridge, the pixel ridge):
+    from x (T, F) to y (T, D) per trial, inputs standardised on the fitting set, with an intercept; penalty
+    alpha on X'X of the standardised frames, chosen from `alphas` by k-fold cross-validation over whole
+    trials (cv_folds: whole groups, e.g. subjects, when given; else trials stratified by labels), as the
+    best R² of the out-of-fold predictions (mean over the components of y that vary)."""
     if len(x) < 2:
         raise ValueError(f"ridge needs at least 2 trials to choose alpha, got {len(x)}")
     fold = cv_folds(len(x), folds, labels, seed, groups)
-    predicted: list[list] = [[None] * len(x) for _ in alphas]
+    target = np.concatenate(y).astype(np.float64)
+    sse = np.zeros((len(alphas), target.shape[1]))
     for k in np.unique(fold):
         fit_idx, test_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        models = _ridge_per_alpha([x[i] for i in fit_idx], [y[i] for i in fit_idx], alphas)
-        for a, model in enumerate(models):
-            for i, p in zip(test_idx, model.predict([x[i] for i in test_idx]), strict=True):
-                predicted[a][i] = p
-    scores = [r2(p, y)["mean"] for p in predicted]
+        scale, coefs, intercept = _ridge_path([x[i] for i in fit_idx], [y[i] for i in fit_idx], alphas)
+        test_x = scale(np.concatenate([x[i] for i in test_idx]))
+        test_y = np.concatenate([y[i] for i in test_idx]).astype(np.float64)
+        for a, coef in enumerate(coefs):       # one alpha at a time: (frames, D) each, not (A, frames, D)
+            sse[a] += ((test_x @ coef + intercept - test_y) ** 2).sum(0)
+    sst = ((target - target.mean(0)) ** 2).sum(0)
+    varies = sst > 0
+    scores = (1 - sse[:, varies] / sst[varies]).mean(1) if varies.any() else np.full(len(alphas), np.nan)
     best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
-    model = _ridge_per_alpha(x, y, [alphas[best]])[0]
-    model.cv_r2 = {float(a): s for a, s in zip(alphas, scores, strict=True)}
-    return model
+    scale, coefs, intercept = _ridge_path(x, y, [alphas[best]])
+    return Ridge(scale, coefs[0], intercept, float(alphas[best]),
+                 {float(a): float(score) for a, score in zip(alphas, scores, strict=True)})
 
 
 class _GRU(torch.nn.Module):
@@ -442,9 +475,10 @@ def consistency_shrinkage(predicted: Sequence[np.ndarray], labels: Sequence) -> 
 
 def zero_shot(latents: dict[str, list], behaviour: dict[str, list], labels: dict[str, Sequence],
               fit_on: Sequence[str], score: dict[str, Sequence[str]], seed: int = 0,
-              groups: dict[str, str] | None = None, spaces: dict[str, str] | None = None) -> dict:
-    """Every decoder fitted once on all trials of the animals fit_on and scored, with no refit, on every
-    group of score ({group: animals}).
+              groups: dict[str, str] | None = None, spaces: dict[str, str] | None = None,
+              decoders: Sequence[str] = tuple(DECODERS)) -> dict:
+    """Every decoder (of `decoders`, names in DECODERS) fitted once on all trials of the animals fit_on and
+    scored, with no refit, on every group of score ({group: animals}).
 
     latents, behaviour: {animal: list of (T, L) / (T, D) per trial}; labels: {animal: (trials,) condition},
     used to stratify the folds and by the shrinkage; groups: {animal: group} for the cross-validation over
@@ -465,8 +499,8 @@ def zero_shot(latents: dict[str, list], behaviour: dict[str, list], labels: dict
     fit_groups = np.concatenate([[group_of[m]] * len(pairs[m][0]) for m in fit_on])
     ranges = input_range({m: pairs[m][0] for m in fit_on}, {m: pairs[m][0] for m in scored}, score, group_of)
     out = {}
-    for name, fit in DECODERS.items():
-        model = fit(x, y, fit_labels, seed, groups=fit_groups)
+    for name in decoders:
+        model = DECODERS[name](x, y, fit_labels, seed, groups=fit_groups)
         predicted = {m: model.predict(pairs[m][0]) for m in scored}
         shrunk = {m: consistency_shrinkage(predicted[m], labels[m]) for m in scored}
         animals = {m: {**r2(predicted[m], pairs[m][1]),
@@ -486,6 +520,16 @@ def zero_shot(latents: dict[str, list], behaviour: dict[str, list], labels: dict
     return out
 
 
+def _fit_predict(fit: Callable, x: Sequence[np.ndarray], y: Sequence[np.ndarray], labels: np.ndarray,
+                 seed: int) -> Callable[[np.ndarray, np.ndarray], list]:
+    """out_of_fold's fit_predict for a decoder (DECODERS): fitted on the fitting trials, predicting the test
+    trials."""
+    def fit_predict(fit_idx: np.ndarray, test_idx: np.ndarray) -> list:
+        model = fit([x[i] for i in fit_idx], [y[i] for i in fit_idx], labels[fit_idx], seed)
+        return model.predict([x[i] for i in test_idx])
+    return fit_predict
+
+
 def within_animal(latents: dict[str, list], behaviour: dict[str, list], labels: dict[str, Sequence],
                   animals: Sequence[str], folds: int = FOLDS, seed: int = 0) -> dict:
     """The bound for zero-shot decoding: every decoder fitted and scored inside one animal, k-fold over its
@@ -497,14 +541,8 @@ def within_animal(latents: dict[str, list], behaviour: dict[str, list], labels: 
         for m in animals:
             x, y = _aligned(latents[m], behaviour[m])
             lab = np.asarray(labels[m])
-            fold = trial_folds(len(x), min(folds, len(x)), lab, seed)
-            pred: list = [None] * len(x)
-            for k in np.unique(fold):
-                fit_idx, test_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-                model = fit([x[i] for i in fit_idx], [y[i] for i in fit_idx], lab[fit_idx], seed)
-                for i, p in zip(test_idx, model.predict([x[i] for i in test_idx]), strict=True):
-                    pred[i] = p
-            predicted[m], targets[m] = pred, y
+            predicted[m] = out_of_fold(len(x), _fit_predict(fit, x, y, lab, seed), folds, lab, seed)
+            targets[m] = y
         out[name] = {"pooled": r2([p for m in animals for p in predicted[m]],
                                   [t for m in animals for t in targets[m]]),
                      "animals": {m: r2(predicted[m], targets[m]) for m in animals}}
@@ -514,16 +552,6 @@ def within_animal(latents: dict[str, list], behaviour: dict[str, list], labels: 
 # ---------------------------------------------------------------------------------------------
 # The classic within-animal decoder from spike counts
 # ---------------------------------------------------------------------------------------------
-
-def lagged(rates: np.ndarray, history: int) -> np.ndarray:
-    """(T, N) -> (T, N * history): the rates at t, t-1, ..., t-history+1 side by side, zeros before the
-    first bin."""
-    T, N = rates.shape
-    out = np.zeros((T, N * history))
-    for h in range(min(history, T)):
-        out[h:, h * N:(h + 1) * N] = rates[:T - h]
-    return out
-
 
 def unit_means(spikes: Sequence[np.ndarray]) -> np.ndarray:
     """(N,) mean count of every unit over the bins where it was observed (not NaN); 0 for a unit never
@@ -553,21 +581,21 @@ def _rates_out_of_fold(spikes: Sequence[np.ndarray], velocity: Sequence[np.ndarr
     """Out-of-fold predictions of the rates ridge for every trial, and what was done (alpha per fold)."""
     if len(spikes) != len(velocity) or any(len(s) != len(v) for s, v in zip(spikes, velocity, strict=True)):
         raise ValueError("spikes and velocity need the same trials and bins")
-    fold = trial_folds(len(spikes), min(folds, len(spikes)), labels, seed)
-    predicted: list = [None] * len(spikes)
+    labels = None if labels is None else np.asarray(labels)
     alphas = []
-    for k in np.unique(fold):
-        fit_idx, test_idx = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+
+    def fit_predict(fit_idx: np.ndarray, test_idx: np.ndarray) -> list[np.ndarray]:
         fill = unit_means([spikes[i] for i in fit_idx])          # the fitting fold's means only: no leak
         features = rate_features(spikes, fill, history, smooth_bins)
-        fit_labels = None if labels is None else np.asarray(labels)[fit_idx]
-        model = fit_ridge([features[i] for i in fit_idx], [velocity[i] for i in fit_idx], fit_labels, seed)
+        model = fit_ridge([features[i] for i in fit_idx], [velocity[i] for i in fit_idx],
+                          None if labels is None else labels[fit_idx], seed)
         alphas.append(model.alpha)
-        for i, p in zip(test_idx, model.predict([features[i] for i in test_idx]), strict=True):
-            predicted[i] = p
+        return model.predict([features[i] for i in test_idx])
+
+    predicted = out_of_fold(len(spikes), fit_predict, folds, labels, seed)
     x = np.concatenate(spikes)
-    info = {"history": history, "smooth_bins": smooth_bins, "folds": len(np.unique(fold)), "alphas": alphas,
-            "unobserved_fraction": float(np.isnan(x).mean()),
+    info = {"history": history, "smooth_bins": smooth_bins, "folds": min(folds, len(spikes)),
+            "alphas": alphas, "unobserved_fraction": float(np.isnan(x).mean()),
             "units_with_unobserved_bins": int(np.isnan(x).any(0).sum())}
     return predicted, info
 

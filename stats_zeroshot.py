@@ -1,28 +1,16 @@
-"""python stats_zeroshot.py [reps.h5] [--out DIR] [--permutations 1000] [--seed 0]
-    [--baselines pca_cca,cebra,pca,stimulus,summary] [--data DIR ...] [--pcs 8] [--splits 5] [--log1p]
-    [--cebra-iterations 2000] [--control SUBJECT,...]
+"""python stats_zeroshot.py [reps.h5] [--control SUBJECT,...] [--out DIR] [--permutations 1000] [--seed 0]
 python stats_zeroshot.py runs/demo/reps.h5 --out results/
-python stats_zeroshot.py runs/demo/reps.h5 --baselines pca_cca,cebra,pca,stimulus
-python stats_zeroshot.py runs/monkey/reps.h5 --control T --data data_synth/monkey
+python stats_zeroshot.py runs/monkey/reps.h5 --control T
 
-Zero-shot preserved representations: for every pair of animals that share stimuli (pairs of held-out
-animals first, flagged), r(mu_x of A, mu_x of B) for trials of the same stimulus (paired) against all other
-trial pairs (unpaired); trial-level consistency across repeats within each animal (same statistics); a
-two-way ANOVA (pair x paired) when there are several pairs. Trials of unknown stimulus (-1) are left out.
-Definitions of centring, blocks and the permutation test: stats.py. Writes zeroshot.json, zeroshot.txt,
-zeroshot_blocks.png (distributions per block) and zeroshot_matrix.png (same-vs-different similarity for a
-sample of trials of the first pair), by default beside the representations file.
-
---baselines puts model-free alignments beside PNBA on the same pairs, with the same statistics (baselines.py):
-pca_cca (per-animal PCA + CCA fitted on a random half of the stimuli, scored on the other trials, --splits
-halves), cebra (multi-session CEBRA-Behavior with video PCs as labels, same halves; optional package),
-pca (each animal's own PCs, unaligned: the floor), stimulus (video PCs: the ceiling) and summary (mean, sd
-and quantiles over each animal's z-scored neurons per frame: identity-free, nothing fitted). They read the
-responses and videos of the trials in the representations file from the data folders its config names
-(or --data DIR ..., after reps.h5), opened as that config says; --pcs components (default 8), --log1p
-before the neural PCA, --cebra-iterations training steps per split (CPU: about 0.1-0.3 s each).
-Adds "baselines" to zeroshot.json, a table (also printed) and per-block tables to zeroshot.txt, and
-zeroshot_baselines.png (one column per method, same axes as zeroshot_blocks.png).
+Zero-shot preserved representations, from the representations file alone: for every pair of animals that
+share stimuli (pairs of held-out animals first, flagged), r(mu_x of A, mu_x of B) for trials of the same
+stimulus (paired) against all other trial pairs (unpaired); trial-level consistency across repeats within
+each animal (same statistics); a two-way ANOVA (pair x paired) when there are several pairs. Trials of
+unknown stimulus (-1) are left out. Definitions of centring, blocks and the permutation test: stats.py.
+Writes zeroshot.json, zeroshot.txt, zeroshot_blocks.png (distributions per block) and zeroshot_matrix.png
+(same-vs-different similarity for a sample of trials of the first pair), by default beside the
+representations file. What needs the recordings themselves (the model-free baselines beside PNBA, the
+rates ridge on spike counts) is its own stage: stats_baselines.py.
 
 Recordings with behaviour (monkey reaching: the trials carry "behaviour", the true hand velocity per frame,
 and the stimulus is the reach condition) add three sections; a file without them (Sensorium) gets none.
@@ -40,22 +28,19 @@ animals are those the representations file marks held out (never trained on).
 - Behaviour decoding (every trial carries "behaviour", and there are training and held-out non-control
   animals; decoding.py): linear ridge, MLP and GRU from mu_x per frame to the behaviour, fitted on the
   training animals and scored (R²) on held-out ones with no refit; beside it the within-animal bound (k-fold
-  inside each held-out animal), the same zero-shot fit from mu_y (cross-modal reference) and a ridge on the
-  held-out sessions' smoothed, lagged spike counts (the classic within-animal decoder; its NWB files are
-  found by subject and session under --data or the config's data folders; one "skipped" line if they
-  cannot be read). "decoding" in zeroshot.json, a table (also printed) in zeroshot.txt.
+  inside each held-out animal) and the same zero-shot fit from mu_y (cross-modal reference). "decoding" in
+  zeroshot.json, a table (also printed) in zeroshot.txt.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import json
+import sys
 
 import numpy as np
 
-import baselines
-import config
 import data
 import decoding
 import stats
@@ -89,55 +74,105 @@ def matrix_figure(a: list[TrialRep], b: list[TrialRep], title: str, rng: np.rand
     return stats.matrix_figure(panels, la[rows], lb[cols], title)
 
 
-def analyse(trials: list, path: str, n_perm: int, seed: int, options: dict | None = None) -> dict[str, bytes]:
-    """Read the representations, compare, and render {file name: content}. options (or None): the
-    baselines to run beside PNBA (see baseline_section), "control" (subjects that are negative controls)
-    and "spikes" (the rates baseline's reader, see decoding_section)."""
-    animals = stats.by_animal([t for t in trials if t.stimulus >= 0])
+def analysed_animals(trials: list[TrialRep]) -> dict[str, list[TrialRep]]:
+    """The trials of a known stimulus (>= 0), by animal, in file order."""
+    return stats.by_animal([t for t in trials if t.stimulus >= 0])
+
+
+def animal_pairs(animals: dict[str, list[TrialRep]], path: str) -> list[tuple[str, str]]:
+    """Every pair of animals that share a stimulus: pairs of held-out animals first, then pairs with one
+    held-out animal, then the rest; StatsError (naming path) if there is none."""
     stimuli = {m: {t.stimulus for t in ts} for m, ts in animals.items()}
     heldout = {m: ts[0].heldout for m, ts in animals.items()}
-    # pairs of held-out animals first, then pairs with one held-out animal, then the rest
     pairs = sorted(((a, b) for a, b in itertools.combinations(sorted(animals), 2) if stimuli[a] & stimuli[b]),
                    key=lambda p: (-heldout[p[0]] - heldout[p[1]], p))
     if not pairs:
         raise stats.StatsError(f"{path}: no two animals share a stimulus")
-    baseline = options and options.get("names")
-    sessions = open_sessions(animals, path, options) if baseline else None    # fail before the work
-    role = roles(animals, (options or {}).get("control") or (), path)
-    rng = np.random.default_rng(seed)
+    return pairs
 
-    entries, centred = [], []         # centred comparisons are kept for the ANOVA and the figures
-    pair_comparisons, repeat_comparisons = {}, {}      # all kinds, for the hierarchy
+
+def pair_statistics(animals: dict[str, list[TrialRep]], pairs: list[tuple[str, str]], n_perm: int,
+                    rng: np.random.Generator) -> tuple[list[dict], dict[tuple[str, str], dict]]:
+    """PNBA's zero-shot statistics per pair, r(mu_x of A, mu_x of B) same stimulus vs other (stats.pair), in
+    the order of pairs: ([{a, b, heldout (both held out), **stats.result}], {(a, b): stats.pair result})."""
+    entries, comparisons = [], {}
     for a, b in pairs:
-        (xa, la, ta), (xb, lb, tb) = _columns(animals[a]), _columns(animals[b])
-        c = stats.between(xa, xb, la, lb, ta, tb, n_perm, rng)
-        entries.append({"a": a, "b": b, "heldout": heldout[a] and heldout[b], **stats.result(c)})
-        centred.append(c["centred"])
-        pair_comparisons[a, b] = c
-    repeats = {}
+        comparisons[a, b] = stats.pair(animals[a], animals[b], n_perm, rng)
+        entries.append({"a": a, "b": b, "heldout": animals[a][0].heldout and animals[b][0].heldout,
+                        **stats.result(comparisons[a, b])})
+    return entries, comparisons
+
+
+def repeat_statistics(animals: dict[str, list[TrialRep]], n_perm: int,
+                      rng: np.random.Generator) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The same statistics between the trials of one animal (repeats of a stimulus), for every animal shown
+    some stimulus twice: ({animal: {heldout, **stats.result}}, {animal: stats.within result})."""
+    repeats, comparisons = {}, {}
     for mouse, trials in animals.items():
         x, labels, tiers = _columns(trials)
         if len(np.unique(labels)) == len(labels):
             continue
-        c = stats.within(x, labels, tiers, n_perm, rng)
-        repeats[mouse] = {"heldout": heldout[mouse], **stats.result(c)}
-        repeat_comparisons[mouse] = c
-    with_behaviour = all("behaviour" in t.arrays for ts in animals.values() for t in ts)
-    ceiling_pairs, ceiling_repeats = condition_ceiling(animals, pairs, list(repeats), n_perm, seed) \
-        if with_behaviour else ({}, {})
-    if with_behaviour:
-        for e in entries:
-            add_ceiling(e, ceiling_pairs[e["a"], e["b"]])
-        for mouse, e in repeats.items():
-            add_ceiling(e, ceiling_repeats[mouse])
-    anova = None
-    if len(pairs) > 1:
-        anova = stats.two_way_anova([[c["pooled"].paired, c["pooled"].unpaired] for c in centred],
-                                    ("pair", "paired"))
-    out = {"file": path, "permutations": n_perm, "seed": seed, "method": stats.METHOD,
-           "pairs": entries, "repeats": repeats, "anova": anova}
+        comparisons[mouse] = stats.within(x, labels, tiers, n_perm, rng)
+        repeats[mouse] = {"heldout": trials[0].heldout, **stats.result(comparisons[mouse])}
+    return repeats, comparisons
 
-    names = [f"{e['a']} x {e['b']}" + (" (held-out)" if e["heldout"] else "") for e in entries]
+
+def pair_names(entries: list[dict]) -> list[str]:
+    """"A x B", flagged " (held-out)" for pairs of held-out animals, per pair_statistics entry."""
+    return [f"{e['a']} x {e['b']}" + (" (held-out)" if e["heldout"] else "") for e in entries]
+
+
+def pair_anova(comparisons: dict[tuple[str, str], dict]) -> dict | None:
+    """Two-way ANOVA of the centred pooled r ~ pair * paired; None for one pair (one level of the factor)."""
+    if len(comparisons) < 2:
+        return None
+    return stats.two_way_anova([[c["centred"]["pooled"].paired, c["centred"]["pooled"].unpaired]
+                                for c in comparisons.values()], ("pair", "paired"))
+
+
+def analyse(trials: list[TrialRep], path: str, n_perm: int, seed: int, controls=()) -> dict[str, bytes]:
+    """The zero-shot analysis of a representations file's trials -> {file name: content}; controls: the
+    negative-control subjects (--control)."""
+    animals = analysed_animals(trials)
+    pairs = animal_pairs(animals, path)
+    role = roles(animals, controls, path)
+    rng = np.random.default_rng(seed)
+    entries, comparisons = pair_statistics(animals, pairs, n_perm, rng)
+    repeats, repeat_comparisons = repeat_statistics(animals, n_perm, rng)
+    behaviour = has_behaviour(animals)
+    ceiling = condition_ceiling(animals, pairs, list(repeats), n_perm, seed) if behaviour else None
+    if behaviour:
+        for e in entries:
+            add_ceiling(e, ceiling[0][e["a"], e["b"]])
+        for mouse, e in repeats.items():
+            add_ceiling(e, ceiling[1][mouse])
+    out = {"file": path, "permutations": n_perm, "seed": seed, "method": stats.METHOD,
+           "pairs": entries, "repeats": repeats, "anova": pair_anova(comparisons)}
+    names = pair_names(entries)
+    lines = pnba_lines(path, n_perm, seed, names, entries, repeats, out["anova"])
+    a, b = pairs[0]
+    files = {"zeroshot_blocks.png": blocks_figure(entries, comparisons, repeat_comparisons),
+             "zeroshot_matrix.png": matrix_figure(animals[a], animals[b], f"{names[0]}, trials by stimulus",
+                                                  np.random.default_rng(seed))}
+    if behaviour:
+        lines += ["", *ceiling_lines(names, entries, repeats)]
+    subject = subjects(animals)
+    if len(set(subject.values())) < len(subject):       # a subject with several sessions: a session level
+        out["hierarchy"], summary, files["zeroshot_hierarchy.png"] = hierarchy_section(
+            subject, role, repeat_comparisons, comparisons, ceiling)
+        lines += ["", *summary]
+        print("\n".join(summary))
+    if behaviour:
+        out["decoding"], summary = decoding_section(animals, role, seed)
+        lines += ["", *summary]
+        print("\n".join(summary))
+    text = ("\n".join(lines) + "\n").encode()
+    return {"zeroshot.json": stats.json_bytes(out), "zeroshot.txt": text, **files}
+
+
+def pnba_lines(path: str, n_perm: int, seed: int, names: list[str], entries: list[dict], repeats: dict,
+               anova: dict | None) -> list[str]:
+    """The text of the pairs, the repeats and the ANOVA: tables (centred, then raw) and verdicts."""
     lines = ["PNBA zero-shot preserved representations: r(mu_x A, mu_x B), same stimulus vs other pairs",
              *stats.method_lines(path, n_perm, seed), ""]
     for kind, title in (("centred", "centred (primary)"), ("raw", "raw (uncentred, as published)")):
@@ -157,46 +192,29 @@ def analyse(trials: list, path: str, n_perm: int, seed: int, options: dict | Non
         lines.append(f"residual df {anova['residual']['df']}; {anova['note']}")
     lines += ["", "== verdicts (centred, pooled; permutation p)"]
     lines += [stats.verdict(name, e) for name, e in zip(names, entries, strict=True)]
-    lines += [stats.verdict(f"repeats in {m}", e) for m, e in repeats.items()]
+    return lines + [stats.verdict(f"repeats in {m}", e) for m, e in repeats.items()]
 
+
+def blocks_figure(entries: list[dict], comparisons: dict[tuple[str, str], dict],
+                  repeat_comparisons: dict[str, dict]) -> bytes:
+    """Centred paired vs unpaired r per block: held-out pairs, other pairs, repeats within animals."""
+    centred = [c["centred"] for c in comparisons.values()]
     rows = [("held-out pairs", [c for c, e in zip(centred, entries, strict=True) if e["heldout"]]),
             ("other pairs", [c for c, e in zip(centred, entries, strict=True) if not e["heldout"]]),
             ("repeats within animals", [c["centred"] for c in repeat_comparisons.values()])]
     panels = [[(f"{name}, {block} (centred)", stats.pool(cs)[block]) for block in ("pooled", *stats.BLOCKS)]
               for name, cs in rows if cs]
-    a, b = pairs[0]
-    files = {"zeroshot_blocks.png": stats.histogram_figure(panels, "same stimulus (paired) vs other pairs"),
-             "zeroshot_matrix.png": matrix_figure(animals[a], animals[b], f"{names[0]}, trials by stimulus",
-                                                  np.random.default_rng(seed))}
-    if with_behaviour:
-        lines += ["", *ceiling_lines(names, entries, repeats)]
-    subject = subjects(animals)
-    if len(set(subject.values())) < len(subject):       # a subject with several sessions: a session level
-        levels = stats.hierarchy(repeat_comparisons, pair_comparisons, subject, role)
-        ceiling = stats.hierarchy(ceiling_repeats, ceiling_pairs, subject, role) if with_behaviour else None
-        controls = sorted({subject[m] for m in animals if role[m] == "control"})
-        out["hierarchy"] = {"levels": stats.LEVELS, "groups": stats.HIERARCHY_GROUPS, "controls": controls,
-                            "note": HIERARCHY_NOTE, "results": stats.hierarchy_result(levels, ceiling)}
-        summary = hierarchy_lines(out["hierarchy"]["results"], controls)
-        lines += ["", *summary]
-        print("\n".join(summary))
-        files["zeroshot_hierarchy.png"] = hierarchy_figure(levels, out["hierarchy"]["results"])
-    if with_behaviour:
-        out["decoding"], summary = decoding_section(animals, role, path, seed, options or {})
-        lines += ["", *summary]
-        print("\n".join(summary))
-    if baseline:
-        out["baselines"], summary, detail, files["zeroshot_baselines.png"] = baseline_section(
-            animals, sessions, pairs, entries, centred, n_perm, seed, options)
-        lines += ["", *summary, "", *detail]
-        print("\n".join(summary))
-    text = ("\n".join(lines) + "\n").encode()
-    return {"zeroshot.json": stats.json_bytes(out), "zeroshot.txt": text, **files}
+    return stats.histogram_figure(panels, "same stimulus (paired) vs other pairs")
 
 
 # ---------------------------------------------------------------------------------------------
 # Recordings with behaviour and subject labels (monkey reaching): ceiling, hierarchy, decoding
 # ---------------------------------------------------------------------------------------------
+
+def has_behaviour(animals: dict[str, list[TrialRep]]) -> bool:
+    """Every trial carries "behaviour" (reaching recordings): the ceiling and decoding sections apply."""
+    return all("behaviour" in t.arrays for ts in animals.values() for t in ts)
+
 
 def subjects(animals: dict[str, list[TrialRep]]) -> dict[str, str]:
     """{animal: its subject}; an animal without a subject label is its own subject."""
@@ -220,10 +238,7 @@ def condition_ceiling(animals: dict[str, list[TrialRep]], pairs: list[tuple[str,
     """The PNBA statistics on the true behaviour instead of mu_x: how far same-condition trials resemble
     each other in the kinematics themselves. Returns ({(a, b): between()}, {animal: within()})."""
     rng = np.random.default_rng([seed, 1])       # its own stream: PNBA's permutations stay as without it
-    between = {}
-    for a, b in pairs:
-        (xa, la, ta), (xb, lb, tb) = _columns(animals[a], "behaviour"), _columns(animals[b], "behaviour")
-        between[a, b] = stats.between(xa, xb, la, lb, ta, tb, n_perm, rng)
+    between = {(a, b): stats.pair(animals[a], animals[b], n_perm, rng, "behaviour") for a, b in pairs}
     within = {m: stats.within(*_columns(animals[m], "behaviour"), n_perm, rng) for m in repeat_animals}
     return between, within
 
@@ -255,6 +270,20 @@ def ceiling_lines(names: list[str], entries: list[dict], repeats: dict[str, dict
 HIERARCHY_NOTE = ("each cell pools its animals or pairs (stats.pool); pairs sharing a session are relabelled "
                   "independently, so the pooled permutation null is approximate there; n_pairs at the trial "
                   "level counts sessions")
+
+
+def hierarchy_section(subject: dict[str, str], role: dict[str, str], repeat_comparisons: dict[str, dict],
+                      pair_comparisons: dict[tuple[str, str], dict],
+                      ceiling: tuple[dict, dict] | None) -> tuple[dict, list[str], bytes]:
+    """The consistency hierarchy (stats.hierarchy) of PNBA's comparisons and, with behaviour, of the
+    ceiling's (condition_ceiling: (pairs, repeats)): (JSON entry, text lines, figure)."""
+    levels = stats.hierarchy(repeat_comparisons, pair_comparisons, subject, role)
+    ceiling_levels = stats.hierarchy(ceiling[1], ceiling[0], subject, role) if ceiling else None
+    results = stats.hierarchy_result(levels, ceiling_levels)
+    controls = sorted({subject[m] for m in subject if role[m] == "control"})
+    entry = {"levels": stats.LEVELS, "groups": stats.HIERARCHY_GROUPS, "controls": controls,
+             "note": HIERARCHY_NOTE, "results": results}
+    return entry, hierarchy_lines(results, controls), hierarchy_figure(levels, results)
 
 
 def hierarchy_lines(results: dict, controls: list[str]) -> list[str]:
@@ -308,10 +337,6 @@ DECODING_METHOD = {
                      f"{decoding.FOLDS}-fold over its trials, stratified by condition",
     "cross_modal": "the zero-shot fit from mu_y, which is computed from the kinematics: a reference, not a "
                    "neural result",
-    "rates_ridge": f"within-animal ridge from Gaussian-smoothed spike counts (sd {decoding.SMOOTH_BINS} "
-                   f"bins, {decoding.HISTORY} lagged bins), {decoding.FOLDS}-fold over the spike reader's "
-                   "trials (default: every successful trial of the session's NWB file); NaN counts (unit not "
-                   "observed) imputed with the unit's mean over the observed bins of the fitting fold",
     "r2": "1 - SSE/SST per velocity component over all frames of all scored trials, SST about their own "
           "mean; 'mean' averages the components",
     "decoders": f"linear: ridge, alpha by {decoding.FOLDS}-fold CV (over subjects when zero-shot); mlp: one "
@@ -319,63 +344,67 @@ DECODING_METHOD = {
                 "frames; inputs standardised with the fitting set's statistics; networks early-stopped on "
                 "held-out trials (subjects when zero-shot), readout starting at zero (the fitting mean)",
 }
-RATES_TARGET = 0.8        # zero-shot linear R² should reach this fraction of the within-animal rates ridge
 
 
-def decoding_section(animals: dict[str, list[TrialRep]], role: dict[str, str], path: str, seed: int,
-                     options: dict) -> tuple[dict, list[str]]:
-    """Zero-shot behaviour decoding (decoding.py) from mu_x, the within-animal bound, the mu_y reference
-    and the rates ridge on the held-out animals' spikes (options["spikes"], a callable (animals, path) ->
-    {animal: (spikes (T, N) per trial, velocity (T, D) per trial, conditions)}; default nwb_spikes). A
-    part that cannot run is one "skipped" line; animals whose behaviour spaces differ (e.g. a version-2
-    representations file, behaviour in each file's units) skip the whole section. Returns (JSON entry, text
-    lines)."""
+def per_animal(animals: dict[str, list[TrialRep]], array: str) -> dict[str, list[np.ndarray]]:
+    """{animal: the trials' `array` (T, ...) in order}."""
+    return {m: [t.arrays[array] for t in ts] for m, ts in animals.items()}
+
+
+def decoding_skipped(animals: dict[str, list[TrialRep]], role: dict[str, str]) -> str | None:
+    """Why zero-shot decoding cannot run (no training or no held-out non-control animal; behaviour spaces
+    that differ, e.g. a version-2 file with behaviour in each file's units), or None."""
     fit_on = [m for m in animals if role[m] == "train"]
     heldout = [m for m in animals if role[m] == "heldout"]
-    control = [m for m in animals if role[m] == "control"]
-    title = "== zero-shot behaviour decoding: R² of the behaviour (mean over components)"
     if not fit_on or not heldout:
-        reason = f"decoding skipped: needs training and held-out animals ({len(fit_on)} training, " \
-                 f"{len(heldout)} held-out non-control)"
-        return {"skipped": reason}, [title, reason]
-    spaces = {m: ts[0].behaviour_space for m, ts in animals.items()}
+        return (f"decoding skipped: needs training and held-out animals ({len(fit_on)} training, "
+                f"{len(heldout)} held-out non-control)")
     try:
-        decoding.check_spaces(spaces, [*fit_on, *heldout, *control])
+        decoding.check_spaces({m: ts[0].behaviour_space for m, ts in animals.items()}, list(animals))
     except decoding.BehaviourSpaceError as e:
-        reason = f"decoding skipped: {e}"
+        return f"decoding skipped: {e}"
+    return None
+
+
+def zero_shot_decoding(animals: dict[str, list[TrialRep]], role: dict[str, str], score: dict[str, list[str]],
+                       seed: int, latents: str = "mu_x", decoders=tuple(decoding.DECODERS)) -> dict:
+    """decoding.zero_shot fitted on the training animals (role "train"), hyper-parameters across their
+    subjects, scored on score {group: animals}. latents "mu_x": the identity-free path, which is what a
+    held-out animal gets (mu_x_free where the model has unit embeddings, else mu_x); or "mu_y"."""
+    if latents == "mu_x":
+        x = {m: [t.arrays.get("mu_x_free", t.arrays["mu_x"]) for t in ts] for m, ts in animals.items()}
+    else:
+        x = per_animal(animals, latents)
+    labels = {m: [t.stimulus for t in ts] for m, ts in animals.items()}
+    spaces = {m: ts[0].behaviour_space for m, ts in animals.items()}
+    fit_on = [m for m in animals if role[m] == "train"]
+    return decoding.zero_shot(x, per_animal(animals, "behaviour"), labels, fit_on, score, seed,
+                              subjects(animals), spaces, decoders)
+
+
+def decoding_section(animals: dict[str, list[TrialRep]], role: dict[str, str],
+                     seed: int) -> tuple[dict, list[str]]:
+    """Zero-shot behaviour decoding (decoding.py) from mu_x, the within-animal bound and the mu_y reference.
+    A part that cannot run is one "skipped" line (decoding_skipped: the whole section). Returns (JSON entry,
+    text lines)."""
+    title = "== zero-shot behaviour decoding: R² of the behaviour (mean over components)"
+    reason = decoding_skipped(animals, role)
+    if reason:
         return {"skipped": reason}, [title, reason]
-
-    def arrays(name: str) -> dict[str, list[np.ndarray]]:
-        return {m: [t.arrays[name] for t in ts] for m, ts in animals.items()}
-
-    behaviour, labels = arrays("behaviour"), {m: [t.stimulus for t in ts] for m, ts in animals.items()}
-    subject = subjects(animals)
-    # the decoders meet held-out animals' identity-free latents: fitted on the same path of the training
-    # animals (mu_x_free, written for models with unit embeddings), not on their identity-aware mu_x
-    identity_free = {m: [t.arrays.get("mu_x_free", t.arrays["mu_x"]) for t in ts]
-                     for m, ts in animals.items()}
+    fit_on, heldout, control = ([m for m in animals if role[m] == r] for r in ("train", "heldout", "control"))
+    labels = {m: [t.stimulus for t in ts] for m, ts in animals.items()}
+    behaviour = per_animal(animals, "behaviour")
     out = {"method": DECODING_METHOD, "fit_on": fit_on, "heldout": heldout, "control": control,
-           "behaviour_space": spaces[fit_on[0]],
+           "behaviour_space": animals[fit_on[0]][0].behaviour_space,
            "fitted_on_identity_free": any("mu_x_free" in t.arrays for m in fit_on for t in animals[m]),
-           "zero_shot": decoding.zero_shot(identity_free, behaviour, labels, fit_on,
-                                           {"heldout": heldout, "control": control, "train": fit_on}, seed,
-                                           subject, spaces),
-           "within_animal": decoding.within_animal(arrays("mu_x"), behaviour, labels, heldout, seed=seed)}
+           "zero_shot": zero_shot_decoding(animals, role, {"heldout": heldout, "control": control,
+                                                           "train": fit_on}, seed),
+           "within_animal": decoding.within_animal(per_animal(animals, "mu_x"), behaviour, labels, heldout,
+                                                   seed=seed)}
     if all("mu_y" in t.arrays for ts in animals.values() for t in ts):
-        out["cross_modal"] = decoding.zero_shot(arrays("mu_y"), behaviour, labels, fit_on,
-                                                {"heldout": heldout}, seed, subject, spaces)
+        out["cross_modal"] = zero_shot_decoding(animals, role, {"heldout": heldout}, seed, "mu_y")
     else:
         out["cross_modal"] = {"skipped": "cross-modal reference skipped: some trials have no mu_y"}
-    read_spikes = options.get("spikes") or (lambda chosen, at: nwb_spikes(chosen, at, options))
-    try:
-        raw = read_spikes({m: animals[m] for m in heldout}, path)
-        out["rates_ridge"] = decoding.rates_baseline({m: raw[m][0] for m in heldout},
-                                                     {m: raw[m][1] for m in heldout},
-                                                     {m: raw[m][2] for m in heldout}, seed)
-        out["linear_over_rates"] = stats.ratio(out["zero_shot"]["linear"]["groups"]["heldout"]["mean"],
-                                               out["rates_ridge"]["pooled"]["mean"])
-    except stats.StatsError as e:
-        out["rates_ridge"] = {"skipped": f"rates baseline skipped: {e}"}
     return out, [title, *decoding_lines(out)]
 
 
@@ -386,7 +415,7 @@ def _range_note(entry: dict) -> str:
 
 def decoding_lines(out: dict) -> list[str]:
     """Text table of decoding_section's entry: one row per decoder, one column per set scored (zero-shot
-    columns raw and shrunk), then the input range of every scored animal and why a row is flagged."""
+    columns raw and shrunk), then input_range_lines."""
     zero = out["zero_shot"]
     shrunk = {d: {"groups": zero[d]["shrunk"]["groups"]} for d in decoding.DECODERS}
     columns = [("zero-shot", zero, "heldout"), ("shrunk", shrunk, "heldout"),
@@ -413,18 +442,22 @@ def decoding_lines(out: dict) -> list[str]:
         lines.append(f"{decoder:<8}" + "".join(
             f" {stats.fmt(mean(entry[decoder], group), '.3f') + ('*' if group in flagged else ''):>10}"
             for _, entry, group in columns))
-    lines += [entry["skipped"] for entry in (out["cross_modal"], out["rates_ridge"]) if "skipped" in entry]
-    if "skipped" not in out["rates_ridge"]:
-        rates = out["rates_ridge"]["pooled"]["mean"]
-        lines.append(f"rates ridge (within-animal, spike counts): R² {stats.fmt(rates, '.3f')}; "
-                     f"zero-shot linear / rates ridge = {stats.fmt(out['linear_over_rates'], '.2f')} "
-                     f"(target >= {RATES_TARGET})")
+    if "skipped" in out["cross_modal"]:
+        lines.append(out["cross_modal"]["skipped"])
+    return lines + input_range_lines(out, flagged)
+
+
+def input_range_lines(out: dict, flagged: set[str]) -> list[str]:
+    """How far each scored group's and animal's mu_x lie outside the fitting inputs, why a group is flagged
+    (flagged: the groups out of range), and every scored animal's zero-shot R² raw and shrunk."""
+    zero = out["zero_shot"]
+    ranges = zero["linear"]["input_range"]
     reference = [e["outside_fraction"] for e in ranges["reference"].values()]
-    lines.append(f"input range (mu_x): share of an animal's frames beyond the {ranges['quantile']:.0%} "
-                 f"quantile of the fitting frames' Mahalanobis distance (same distribution: about "
-                 f"{1 - ranges['quantile']:.0%}); flagged out of range above {ranges['flag_above']:.0%}"
-                 + (f"; a training subject left out of the fit: {min(reference):.1%} to {max(reference):.1%}"
-                    if reference else ""))
+    lines = [f"input range (mu_x): share of an animal's frames beyond the {ranges['quantile']:.0%} "
+             f"quantile of the fitting frames' Mahalanobis distance (same distribution: about "
+             f"{1 - ranges['quantile']:.0%}); flagged out of range above {ranges['flag_above']:.0%}"
+             + (f"; a training subject left out of the fit: {min(reference):.1%} to {max(reference):.1%}"
+                if reference else "")]
     for group, e in ranges["groups"].items():
         if group != "train":
             lines.append(f"  {group}: {e['outside_fraction']:.1%} of frames outside{_range_note(e)}")
@@ -447,182 +480,33 @@ def decoding_lines(out: dict) -> list[str]:
     return lines
 
 
-def nwb_spikes(animals: dict[str, list[TrialRep]], path: str, options: dict) -> dict[str, tuple]:
-    """{animal: (spike counts (T, N) per trial, NaN where a unit was not recorded; velocity (T, D) per trial
-    in the model's space, as extract.py stores it; conditions)} of each animal's trials in the representations
-    file, read from the data folders (--data or the file's config) and opened as that config's data section
-    says (bins, window, area), so that the trials and bins are the model's. StatsError when they cannot be
-    read."""
-    cfg, paths = data_section(path, options, "the rates baseline reads spike counts")
-    try:
-        monkeys = {m.name: m for m in data.mice_from_config(cfg, paths)}
-    except data.DataError as e:
-        raise stats.StatsError(str(e)) from None
-    out = {}
-    for name, trials in animals.items():
-        if name not in monkeys or monkeys[name].stimulus_kind != "behaviour":
-            raise stats.StatsError(f"{path}: session {name} is not among the NWB sessions in "
-                                   f"{', '.join(paths)}")
-        m = monkeys[name]
-        spikes = m.session_data.spikes[:, :, m.units]
-        out[name] = ([spikes[t.trial] for t in trials], [m.normalised_behaviour(t.trial) for t in trials],
-                     np.array([t.stimulus for t in trials]))
-    return out
+# options of stats_baselines.py, which reads the recordings: here they are one error line pointing there
+MOVED_OPTIONS = ("--baselines", "--data", "--pcs", "--splits", "--log1p", "--cebra-iterations")
 
 
-# ---------------------------------------------------------------------------------------------
-# Baselines beside PNBA (--baselines): same pairs, same trials, same statistics
-# ---------------------------------------------------------------------------------------------
-
-PNBA_FITS = "PNBA encoder (mu_x) trained on the training animals; zero-shot for pairs of held-out animals"
-
-
-def short_names(names) -> dict[str, str]:
-    """Animal folder names without their '-Video-<hash>' suffix, where the short names stay distinct."""
-    short = {n: n.split("-Video-")[0] for n in names}
-    return short if len(set(short.values())) == len(short) else {n: n for n in names}
-
-
-def data_section(path: str, options: dict, reader: str) -> tuple[config.DataConfig, list[str]]:
-    """The data section of the representations file's config and the data folders to read (options["data"]
-    if given, else the config's); StatsError naming `reader` (what reads them) when there are none."""
-    attrs = options.get("attrs") or {}
-    try:
-        cfg = config.from_dict(json.loads(attrs["config"])).data if "config" in attrs else config.DataConfig()
-    except (json.JSONDecodeError, TypeError, AttributeError, config.ConfigError) as e:
-        raise stats.StatsError(f"{path}: unreadable config attribute ({type(e).__name__}: {e}); {reader} "
-                               "from the data folders its data section names") from None
-    paths = list(options.get("data") or cfg.paths)
-    if not paths:
-        raise stats.StatsError(f"{path}: names no data folders (no config with data.paths); {reader} "
-                               "from them: pass --data")
-    return cfg, paths
-
-
-def open_sessions(animals: dict[str, list], path: str, options: dict) -> dict[str, baselines.Session]:
-    """A baselines.Session per analysed animal: its trials of the representations file, read from the data
-    folders named by the file's config (or options["data"]), opened as that config's data section says."""
-    cfg, paths = data_section(path, options, "the baselines read responses and videos")
-    mice = {m.name: m for m in data.mice_from_config(cfg, paths)}
-    missing = [m for m in animals if m not in mice]
-    if missing:
-        raise stats.StatsError(f"{path}: animal {missing[0]} is not in the data folders {', '.join(paths)} "
-                               f"({len(missing)} missing); pass the folders it came from with --data")
-    return {m: baselines.mouse_session(mice[m], trials) for m, trials in animals.items()}
-
-
-def _row(name: str, width: int, method: str, zero: str, r: dict) -> str:
-    """One line of the baseline table: a stats.result() entry (averaged ones carry "sd")."""
-    if "paired_mean" not in r:
-        return f"{name:<{width}} {method:<11} {zero:<9} {r.get('skipped') or 'not scored'}"
-    sd = (r.get("sd") or {}).get("cohens_d")
-    return (f"{name:<{width}} {method:<11} {zero:<9} {stats.fmt(r['paired_mean'], '.3f'):>8} "
-            f"{stats.fmt(r['unpaired_mean'], '.3f'):>10} {stats.fmt(r['cohens_d'], '.2f'):>7} "
-            f"{stats.fmt(sd, '.2f'):>6} {stats.fmt(r['perm_p'], '.3g'):>7} "
-            f"{stats.fmt(r['n_paired'], '.0f'):>8}")
-
-
-def baseline_section(animals: dict[str, list], sessions: dict[str, baselines.Session],
-                     pairs: list[tuple[str, str]], entries: list[dict], centred: list[dict], n_perm: int,
-                     seed: int, options: dict) -> tuple[dict, list[str], list[str], bytes]:
-    """Run the baselines options["names"] on the sessions (open_sessions) of the pairs of the PNBA analysis
-    (entries, centred: its results per pair, in the same order). Returns (JSON entry, summary lines,
-    per-block lines, figure)."""
-    fitted = {"pca_cca", "cebra"} & set(options["names"])
-    reference = {m: [t.arrays["mu_x"] for t in trials] for m, trials in animals.items()} if fitted else None
-    result = baselines.zeroshot(sessions, pairs, options["names"], n_perm, seed, options["pcs"],
-                                options["log1p"], options["splits"], reference, options["cebra_iterations"])
-    comparisons = result.pop("comparisons")
-    methods = result["methods"]
-    label = {m: "pnba@splits" if m == "reference" else m for m in methods}
-    short = short_names(animals)
-    pair_names = [f"{short[a]} x {short[b]}" + (" (held-out)" if e["heldout"] else "")
-                  for (a, b), e in zip(pairs, entries, strict=True)]
-    width = max(len(n) for n in [*pair_names, "pair"])
-    head = (f"{'pair':<{width}} {'method':<11} {'zero-shot':<9} {'paired_r':>8} {'unpaired_r':>10} {'d':>7} "
-            f"{'sd(d)':>6} {'perm_p':>7} {'n_paired':>8}")
-    summary = ["== baselines beside PNBA: centred r, pooled over blocks (fitted methods: mean over splits, "
-               "sd(d) over splits)", f"{'pnba':<11} {PNBA_FITS}"]
-    summary += [f"{label[m]:<11} {e['fits']}" for m, e in methods.items()]
-    summary += [e["skipped"] for e in methods.values() if e["skipped"]]
-    summary += ["", head, "-" * len(head)]
-    block_rows = []
-    for p, (name, e) in enumerate(zip(pair_names, entries, strict=True)):
-        zero = "yes" if e["heldout"] else "no"
-        summary.append(_row(name, width, "pnba", zero, e))
-        for m, me in methods.items():
-            if not me["skipped"]:
-                summary.append(_row(name, width, label[m], zero if m == "reference" else me["zero_shot"],
-                                    me["pairs"][p]))
-                if "paired_mean" in me["pairs"][p]:
-                    block_rows += stats.table_rows(f"{name}, {label[m]}", me["pairs"][p])
-    seconds = [f"reading responses and video {result['seconds']['read']:.1f} s (shared)"]
-    seconds += [f"{label[m]} {e['wall_s']:.1f} s" for m, e in methods.items()]
-    summary += ["", "wall time: " + "; ".join(seconds)]
-    if result["cebra_version"]:
-        summary.append(f"cebra version: {result['cebra_version']}")
-    detail = ["== baselines per block (centred; fitted methods: mean over splits)",
-              stats.table(block_rows, "pair, method") if block_rows else "no baseline was scored"]
-
-    per_method = {"pnba": centred, **comparisons}
-    panels = []
-    for group, keep in (("held-out pairs", True), ("other pairs", False)):
-        if not any(e["heldout"] == keep for e in entries):
-            continue
-        row = []
-        for m, cs in per_method.items():
-            if m in methods and methods[m]["skipped"]:
-                continue                                     # a skipped method gets no column
-            cs = [c for c, e in zip(cs, entries, strict=True) if c is not None and e["heldout"] == keep]
-            row.append((f"{label.get(m, m)}, {group}", stats.pool(cs)["pooled"] if cs else None))
-        panels.append(row)
-    title = "PNBA and baselines, centred: same stimulus (paired) vs other pairs (fitted ones: first split)"
-    return result, summary, detail, stats.histogram_figure(panels, title)
+def control_parser() -> argparse.ArgumentParser:
+    """--control, shared with stats_baselines.py (an argparse parent: add_help=False)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--control", default=[], type=lambda text: [n for n in text.split(",") if n],
+                        metavar="SUBJECT,...",
+                        help="comma-separated negative-control subjects: NWB subjects (every session of "
+                             "that monkey) or mouse names (default: none)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # the baseline options, parsed here; run_cli parses the rest and lists these too in --help (parents)
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--baselines", default="",
-                        help="comma-separated model-free baselines beside PNBA: "
-                             f"{','.join(baselines.BASELINES)} (default: none)")
-    parser.add_argument("--data", nargs="+", default=None,
-                        help="Sensorium mouse folders or a folder holding them, or .nwb files or folders "
-                             "holding them, for the baselines and the spike decoder (default: the data the "
-                             "file's config names)")
-    parser.add_argument("--pcs", type=int, default=baselines.PCS,
-                        help=f"components of the baselines (default {baselines.PCS})")
-    parser.add_argument("--splits", type=int, default=baselines.SPLITS,
-                        help=f"random halves of the stimuli for pca_cca, cebra (default {baselines.SPLITS})")
-    parser.add_argument("--log1p", action="store_true", help="log1p the responses before the neural PCA")
-    parser.add_argument("--cebra-iterations", type=int, default=baselines.CEBRA_PARAMS["max_iterations"],
-                        help="CEBRA training steps per split (default "
-                             f"{baselines.CEBRA_PARAMS['max_iterations']})")
-    parser.add_argument("--control", default="",
-                        help="comma-separated negative-control subjects: NWB subjects (every session of "
-                             "that monkey) or mouse names (default: none)")
+    argv = sys.argv[1:] if argv is None else argv
+    moved = [a.split("=")[0] for a in argv if a.split("=")[0] in MOVED_OPTIONS]
+    if moved:
+        print(f"error: {moved[0]}: the baselines and the rates ridge read the recordings, so they are their "
+              f"own stage: python stats_baselines.py REPS {moved[0]} ... (README \"Baselines beside PNBA\")",
+              file=sys.stderr)
+        return 2
+    parser = control_parser()
     options, rest = parser.parse_known_args(argv)
-    names = [n for n in options.baselines.split(",") if n]
-    controls = [n for n in options.control.split(",") if n]
-    unknown = [n for n in names if n not in baselines.BASELINES]
-    if unknown:
-        parser.error(f"--baselines: unknown {', '.join(unknown)}; valid: {','.join(baselines.BASELINES)}")
-    if min(options.pcs, options.splits, options.cebra_iterations) < 1:
-        parser.error("--pcs, --splits and --cebra-iterations must be at least 1")
-    attrs: dict = {}
-
-    def read(path: str):
-        trials, file_attrs = data.read_representations(path)
-        attrs.update(file_attrs)
-        return trials, file_attrs
-
-    def run(trials: list, path: str, n_perm: int, seed: int) -> dict[str, bytes]:
-        return analyse(trials, path, n_perm, seed,
-                       {**vars(options), "names": names, "control": controls, "attrs": attrs})
-
-    return stats.run_cli(__doc__, rest, run, read, (data.DataError, config.ConfigError), parents=(parser,),
-                         epilog="example: python stats_zeroshot.py runs/RUN/reps.h5 --baselines "
-                                "pca_cca,pca,stimulus")
+    return stats.run_cli(__doc__, rest, functools.partial(analyse, controls=options.control),
+                         data.read_representations, (data.DataError,), parents=(parser,),
+                         epilog="example: python stats_zeroshot.py runs/RUN/reps.h5 --control T")
 
 
 if __name__ == "__main__":

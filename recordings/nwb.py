@@ -1,6 +1,6 @@
 """Monkey motor cortex from NWB files with plain h5py: a reader for both layouts of docs/data_formats.md §4
 (DANDI 000688 Perich & Miller centre-out, NLB MC_Maze 000128/000138), and `Monkey`, one session as a PNBA
-animal with the interface of recordings.sensorium.Mouse (the stimulus is the hand/cursor velocity).
+animal (recordings.animal.BehaviourAnimal; the stimulus is the hand/cursor velocity).
 
     s = open_session("sub-C/sub-C_ses-CO-20240101_behavior+ecephys.nwb")    # Session: binned trials
     animal = Monkey(path)                                                   # what train/extract read
@@ -42,7 +42,9 @@ class Session:
     velocity / position (trials, bins, D) float32 bin averages after conversion/offset (position None unless
     asked); condition (trials,) str: "target<id>" (000688) or "maze<trial_type>.<trial_version>" (MC_Maze);
     trial (trials,) int64 row in /intervals/trials; onset (trials,) float64 s; areas (units,) "M1"/"PMd"/...;
-    dropped: trials left out, by reason (failed, no_condition, no_onset, outside)."""
+    dropped: trials left out, by reason (failed, no_condition, no_onset, outside: the window leaves the
+    behaviour recording, nan_velocity: a bin of the window holds velocity samples but none finite);
+    n_spikes (units,): spikes of each unit in the whole file (0: a unit with no spikes)."""
 
     path: str
     subject: str
@@ -60,6 +62,7 @@ class Session:
     bin_ms: float
     window_ms: tuple[float, float]
     dropped: dict[str, int]
+    n_spikes: np.ndarray | None = None
 
     @property
     def observed(self) -> np.ndarray:
@@ -134,6 +137,25 @@ def _bin_average(times: np.ndarray, data: np.ndarray, edges: np.ndarray) -> np.n
         empty = n[..., d] == 0
         out[..., d][empty] = np.interp(centres[empty], times[ok[:, d]], data[ok[:, d], d])
     return out
+
+
+def _nan_bins(times: np.ndarray, data: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(trials,) bool: some bin [e_k, e_k+1) of the trial holds samples of data (T, D) but, in some dimension,
+    no finite one: its value would be made up (a bin with no sample at all is slow sampling, not damage)."""
+    if not len(edges):
+        return np.zeros(0, bool)
+    cn = np.concatenate([np.zeros((1, data.shape[1])), np.cumsum(np.isfinite(data), 0)])
+    i = np.searchsorted(times, edges, side="left")
+    samples, finite = i[:, 1:] - i[:, :-1], cn[i[:, 1:]] - cn[i[:, :-1]]
+    return ((samples[..., None] > 0) & (finite == 0)).any((1, 2))
+
+
+def _has_nan(times: np.ndarray, data: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """(trials,) bool: a sample of data (T, D) in [start, stop] is not finite."""
+    bad = np.concatenate([[0], np.cumsum(~np.isfinite(data).all(1))])
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.searchsorted(times, start, "left"), np.searchsorted(times, stop, "right")
+    return bad[hi] - bad[lo] > 0
 
 
 def movement_onset(times: np.ndarray, velocity: np.ndarray, go: np.ndarray, stop: np.ndarray) -> np.ndarray:
@@ -228,25 +250,36 @@ def _open(f, fname, bin_ms, window_ms, area, position) -> Session:
     condition = _conditions(cols, n)
     ok = (cols["result"] == "R" if "result" in cols else
           cols["success"].astype(bool) if "success" in cols else np.ones(n, bool))
+    has_cond = condition != ""
+    nan_velocity = np.zeros(n, bool)
     if "move_onset_time" in cols:
         onset = cols["move_onset_time"].astype(np.float64)
     elif "go_cue_time" in cols:
         onset = np.full(n, np.nan)
-        onset[ok] = movement_onset(times, vel, cols["go_cue_time"][ok], cols["stop_time"][ok])
+        go, stop = cols["go_cue_time"][ok].astype(np.float64), cols["stop_time"][ok].astype(np.float64)
+        onset[ok] = movement_onset(times, vel, go, stop)
+        nan_velocity[ok] = ~np.isfinite(onset[ok]) & _has_nan(times, vel, go, stop)   # no onset: NaN speed
     else:
         raise _fail(fname, f"{TRIALS}/move_onset_time", "missing, and no go_cue_time to compute it from")
     lo, hi = window_ms[0] / 1000, window_ms[1] / 1000
     inside = (onset + lo >= times[0]) & (onset + hi <= times[-1])
     if pos is not None:
         inside &= (onset + lo >= pos[0][0]) & (onset + hi <= pos[0][-1])
-    has_cond = condition != ""
-    dropped = {"failed": int((~ok).sum()), "no_condition": int((ok & ~has_cond).sum()),
-               "no_onset": int((ok & has_cond & ~np.isfinite(onset)).sum()),
-               "outside": int((ok & has_cond & np.isfinite(onset) & ~inside).sum())}
-    keep = np.flatnonzero(ok & has_cond & np.isfinite(onset) & inside)
-
+    found = np.isfinite(onset)
+    beyond = np.zeros(n, bool)      # no onset computed because the behaviour ends before the trial
+    if "move_onset_time" not in cols:
+        beyond = ~found & ~nan_velocity & ((cols["stop_time"] > times[-1]) | (cols["start_time"] < times[0]))
     n_bins = int(round((window_ms[1] - window_ms[0]) / bin_ms))
-    edges = onset[keep, None] + lo + np.arange(n_bins + 1) * (bin_ms / 1000)     # (trials, bins+1)
+    candidate = ok & has_cond & found & inside
+    edges = onset[candidate, None] + lo + np.arange(n_bins + 1) * (bin_ms / 1000)     # (trials, bins+1)
+    nan_velocity[candidate] = _nan_bins(times, vel, edges)
+    nan_velocity &= ok & has_cond
+    dropped = {"failed": int((~ok).sum()), "no_condition": int((ok & ~has_cond).sum()),
+               "no_onset": int((ok & has_cond & ~found & ~nan_velocity & ~beyond).sum()),
+               "outside": int((ok & has_cond & ((found & ~inside) | beyond)).sum()),
+               "nan_velocity": int(nan_velocity.sum())}
+    keep = np.flatnonzero(candidate & ~nan_velocity)
+    edges = edges[~nan_velocity[candidate]]
     spike_times = _ragged(f, "/units/spike_times", fname)
     unit_ids = (_read(f, "/units/id", fname).astype(np.int64) if "/units/id" in f
                 else np.arange(len(spike_times)))
@@ -274,7 +307,8 @@ def _open(f, fname, bin_ms, window_ms, area, position) -> Session:
                    position=None if pos is None else _bin_average(pos[0], pos[1], edges).astype(np.float32),
                    condition=condition[keep], trial=keep.astype(np.int64), onset=onset[keep],
                    unit_ids=unit_ids[units], areas=areas[units], behaviour_unit=unit, bin_ms=float(bin_ms),
-                   window_ms=(float(window_ms[0]), float(window_ms[1])), dropped=dropped)
+                   window_ms=(float(window_ms[0]), float(window_ms[1])), dropped=dropped,
+                   n_spikes=np.array([len(spike_times[u]) for u in units.tolist()], np.int64))
 
 
 def find_nwb(paths: list[str]) -> list[str]:
@@ -335,7 +369,8 @@ def animal_name(subject: str, session: str) -> str:
 
 class Monkey:
     """One NWB session as a PNBA animal (its units are its own, so it has its own readout), with the
-    interface of recordings.sensorium.Mouse: name, path, tiers, trials(), valid_frames(), normalised().
+    recording interface recordings.animal.BehaviourAnimal (Animal, plus condition labels, the kinematics
+    and the raw spike counts).
 
     Trials are the successful ones of open_session, each `bins` long. Tiers: every ORACLE_EVERY-th trial of
     each condition (in trial order) is "oracle", the rest "train" -- Sensorium's name for repeated stimuli
@@ -347,20 +382,29 @@ class Monkey:
     train tier there and flagged in observed(), so that the Poisson loss leaves it out."""
 
     stimulus_kind = "behaviour"
+    state_dim = 0                 # NWB sessions carry no recorded behavioural state beside the stimulus
 
     def __init__(self, path: str, bin_ms: float = 20, window_ms: tuple[float, float] = (-250, 450),
                  area: str | None = None):
         s = open_session(path, bin_ms, window_ms, area or None)
         if len(s.trial) == 0:
-            raise DataError(f"{s.path}: no successful trials with a movement onset inside the recording "
-                            f"(dropped: {', '.join(f'{k} {v}' for k, v in s.dropped.items() if v)})")
-        seen = s.observed.any(axis=(0, 1))
+            why = ", ".join(f"{k} {v}" for k, v in s.dropped.items() if v) or "the table is empty"
+            where = f" (NaN in {LAYOUTS[s.layout][0]}/data)" if s.dropped.get("nan_velocity") else ""
+            raise DataError(f"{s.path}: {TRIALS}: no successful trial with a movement onset and finite "
+                            f"velocity inside the behaviour recording (dropped: {why}){where}")
+        silent = s.n_spikes == 0 if s.n_spikes is not None else np.zeros(s.spikes.shape[2], bool)
+        seen = s.observed.any(axis=(0, 1)) & ~silent
         if not seen.any():
-            raise DataError(f"{s.path}: /units: no unit is observed in any trial window")
+            raise DataError(f"{s.path}: /units: no unit has spikes and is observed in a trial window")
+        # what the rest of the file can do without, left out and counted (train.py warns and writes it into
+        # the run's config.json); failed trials are the task's, not damage
+        counts = {"units_without_spikes": int(silent.sum()),
+                  **{f"trials_{k}": v for k, v in s.dropped.items() if k != "failed"}}
+        self.skipped = {k: v for k, v in counts.items() if v}
         self.session_data = s
         self.path, self.subject, self.session = s.path, s.subject, s.session
         self.name = animal_name(s.subject, s.session)
-        self.units = np.flatnonzero(seen)                   # units never observed in a window are left out
+        self.units = np.flatnonzero(seen)     # units never observed in a window, or without spikes, left out
         self.n_neurons, self.bins = len(self.units), s.spikes.shape[1]
         rank = np.zeros(len(s.trial), np.int64)
         for c in np.unique(s.condition):
@@ -383,6 +427,17 @@ class Monkey:
 
     def __repr__(self) -> str:
         return f"Monkey({self.name!r}, {self.n_neurons} units, {len(self._trials)} trials)"
+
+    def skipped_line(self) -> str:
+        """One line on what was left out of a damaged file ("" if nothing), naming where."""
+        velocity = LAYOUTS[self.session_data.layout][0]
+        what = {"units_without_spikes": "unit(s) without spikes (/units/spike_times)",
+                "trials_nan_velocity": f"trial(s) with NaN velocity ({velocity}/data)",
+                "trials_outside": f"trial(s) outside the behaviour recording ({BEHAVIOR})",
+                "trials_no_onset": f"trial(s) without a movement onset ({TRIALS})",
+                "trials_no_condition": f"trial(s) without a condition ({TRIALS})"}
+        parts = [f"{v} {what.get(k, k)}" for k, v in self.skipped.items()]
+        return f"{self.path}: skipped {', '.join(parts)}" if parts else ""
 
     def coords_tensor(self, device=None) -> None:
         return None
@@ -424,6 +479,15 @@ class Monkey:
     def observed(self, i: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(T, N) bool: the unit was recorded over the bin."""
         return torch.from_numpy(self._observed[int(i), start:stop])
+
+    def state(self, i: int, start: int = 0, stop: int | None = None) -> None:
+        """No recorded behavioural state (state_dim 0)."""
+        return None
+
+    def spike_counts(self, i: int) -> np.ndarray:
+        """Trial i's spike counts (bins, N) float32 of the animal's units, NaN where a unit was not recorded
+        over the bin (normalised() gives the unit's mean there instead)."""
+        return np.where(self._observed[int(i)], self._responses[int(i)], np.nan).astype(np.float32)
 
     def normalised(self, i: int, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, ...]:
         """Bins [start, stop) of trial i: velocity / behaviour_scale (T, D) float32 and spike counts (T, N)

@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 from tqdm import tqdm
 
+from recordings.animal import Animal, BehaviourAnimal
 from recordings.common import DataError, save_npz
 from recordings.sensorium import Mouse, valid_length
 
@@ -105,7 +106,7 @@ def _video_thumbnails(mouse: Mouse) -> dict[str, np.ndarray]:
     return arrays
 
 
-def stimulus_groups(mice: list[Mouse]) -> dict[tuple[str, int], int]:
+def stimulus_groups(mice: list[Animal]) -> dict[tuple[str, int], int]:
     """(animal name, trial) -> stimulus id, for every trial with files; equal ids = the same stimulus, within
     an animal and across animals. Behaviour recordings (recordings.nwb.Monkey): the same condition label
     (condition_groups). Videos: the same video. Ids are numbered in order of (mouse name, trial), so they
@@ -159,7 +160,7 @@ def stimulus_groups(mice: list[Mouse]) -> dict[tuple[str, int], int]:
     return {e: ids.setdefault(root(k), len(ids)) for k, e in enumerate(entries)}
 
 
-def condition_groups(animals: list) -> dict[tuple[str, int], int]:
+def condition_groups(animals: list[BehaviourAnimal]) -> dict[tuple[str, int], int]:
     """(animal name, trial) -> condition id: conditions numbered in sorted label order over all animals, so
     that the same label is the same id in every session and monkey (different task layouts use different
     labels and never pair). DataError if the animals mix videos and behaviour."""

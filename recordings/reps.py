@@ -97,12 +97,24 @@ def write_representations(path: str, trials: list[TrialRep], attrs: dict) -> Non
                     g.create_dataset(name, data=np.asarray(t.arrays[name], dtype=np.float32))
 
 
+def _attributes(f: h5py.File, path: str) -> dict:
+    """The file attributes of an open representations file, bytes decoded; DataError if it is not ours."""
+    if f.attrs.get("format") != REPS_FORMAT:
+        raise DataError(f"{path}: not a PNBA representations file (no format={REPS_FORMAT!r} attribute)")
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+def read_attributes(path: str) -> dict:
+    """The file attributes of a representations file (e.g. "config", the run's config as a JSON string)
+    without its trials; DataError if it is missing or not ours."""
+    with open_hdf5(path, "representations file") as f:
+        return _attributes(f, path)
+
+
 def read_representations(path: str) -> tuple[list[TrialRep], dict]:
     """Read a file written by write_representations; DataError if it is missing or not ours."""
     with open_hdf5(path, "representations file") as f:
-        if f.attrs.get("format") != REPS_FORMAT:
-            raise DataError(f"{path}: not a PNBA representations file (no format={REPS_FORMAT!r} attribute)")
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        attrs = _attributes(f, path)
         version = int(attrs.get("version", 1))
         trials = []
         for mouse, mg in f.items():

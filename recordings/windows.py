@@ -1,9 +1,8 @@
 """What a run reads from any recording: the run-start check, random training windows (one animal per
 batch, DDP shards, a plan that is a pure function of its arguments) and whole-trial evaluation windows.
 
-A recording here is anything with the Mouse interface (recordings.sensorium.Mouse, recordings.nwb.Monkey):
-name, path, tiers, trials(tiers, hidden), valid_frames(i), normalised(i, start, stop) -> (stimulus,
-responses), observed(i, start, stop), source(i), stimulus_kind ("video" | "behaviour").
+A recording here is anything with the recording interface recordings.animal.Animal
+(recordings.sensorium.Mouse, recordings.nwb.Monkey).
 """
 
 from __future__ import annotations
@@ -14,23 +13,23 @@ import zlib
 import numpy as np
 import torch
 
+from recordings.animal import Animal
 from recordings.common import DataError
-from recordings.sensorium import Mouse  # or recordings.nwb.Monkey: the same interface
 
 
-def check_state(animals: list[Mouse], state_input: str) -> None:
+def check_state(animals: list[Animal], state_input: str) -> None:
     """DataError unless every animal has the recorded behavioural state the model reads (config
-    model.state_input; Mouse.state_dim > 0)."""
+    model.state_input; Animal.state_dim > 0)."""
     if state_input == "none":
         return
     for m in animals:
-        if not getattr(m, "state_dim", 0):
+        if not m.state_dim:
             raise DataError(f"{m.path}: no recorded behavioural state (data/behavior, data/pupil_center and "
                             f"their meta/statistics), but the model reads one (model.state_input "
                             f"{state_input}); train with --model.state_input none")
 
 
-def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: int,
+def check_run_data(train_mice: list[Animal], heldout_mice: list[Animal], frames: int,
                    state_input: str = "none") -> None:
     """What a training run reads, checked when it starts, before it writes anything (a fault found at step
     6 would leave half a run): every training animal has train-tier trials with responses (otherwise its
@@ -52,16 +51,16 @@ def check_run_data(train_mice: list[Mouse], heldout_mice: list[Mouse], frames: i
                 m.state(int(i))
 
 
-def _train_trials(mouse: Mouse) -> np.ndarray:
+def _train_trials(mouse: Animal) -> np.ndarray:
     return mouse.trials(["train"], hidden=False)
 
 
-def _mouse_key(mouse: Mouse) -> int:
+def _mouse_key(mouse: Animal) -> int:
     """Stable integer per mouse name: its random streams do not depend on which other mice are loaded."""
     return zlib.crc32(mouse.name.encode())
 
 
-def train_batches_per_epoch(mice: list[Mouse], batch_size: int, rank: int = 0, world: int = 1) -> int:
+def train_batches_per_epoch(mice: list[Animal], batch_size: int, rank: int = 0, world: int = 1) -> int:
     """Batches each rank gets per epoch: the same on every rank (DDP needs equal step counts).
     Per mouse, full batches of its train trials split evenly over the ranks; the remainder is dropped."""
     return sum(len(_train_trials(m)) // batch_size // world for m in mice)
@@ -103,9 +102,9 @@ class TrainWindows(torch.utils.data.Dataset):
     float32, index (B, frames) int64 absolute frame numbers, trial (B,) int64, mouse str (one animal per
     batch: neuron counts differ), observed (B, frames, N) bool when some units were not recorded
     throughout (NWB), and state (B, frames, state_dim) float32 with `state` (the model reads the recorded
-    behavioural state, Mouse.state; read only then, so that a model that ignores it never trips on it)."""
+    behavioural state, Animal.state; read only then, so that a model that ignores it never trips on it)."""
 
-    def __init__(self, mice: list[Mouse], frames: int, state: bool = False):
+    def __init__(self, mice: list[Animal], frames: int, state: bool = False):
         self.mice, self.frames, self.state = mice, frames, state
 
     def __getitem__(self, item: tuple[int, tuple]) -> dict:
@@ -131,7 +130,7 @@ def _stimulus_batch(mouse, stimuli: torch.Tensor) -> torch.Tensor:
     return stimuli[:, None] if mouse.stimulus_kind == "video" else stimuli
 
 
-def make_train_loader(mice: list[Mouse], frames: int, batch_size: int, num_workers: int, seed: int,
+def make_train_loader(mice: list[Animal], frames: int, batch_size: int, num_workers: int, seed: int,
                       epoch: int, rank: int = 0, world: int = 1, start_batch: int = 0,
                       state: bool = False) -> torch.utils.data.DataLoader:
     """DataLoader over this rank's batches of `epoch` from batch `start_batch` on (see _train_plan);
@@ -147,7 +146,7 @@ def make_train_loader(mice: list[Mouse], frames: int, batch_size: int, num_worke
                                        generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def eval_windows(mouse: Mouse, i: int, frames: int, state: bool = False) -> dict:
+def eval_windows(mouse: Animal, i: int, frames: int, state: bool = False) -> dict:
     """Trial i as consecutive non-overlapping `frames`-long windows from frame 0, plus, when the valid
     length T is not a multiple of `frames`, one last window aligned to the end (overlapping the one before).
 
