@@ -52,8 +52,10 @@ Weights of the published model (github zhuyu-cs/PNBA) load with `convert_referen
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
 import re
 from typing import NamedTuple
 
@@ -145,23 +147,30 @@ class _NormActConv(torch.autograd.Function):
         groups, act, padding, p = ctx.spec
         a, normed, mean, rstd = _norm_act(x, norm_weight, norm_bias, groups, act, keep, p, for_backward=True)
         dims = conv_weight.dim() - 2
+        # only the gradients autograd asks for: a frozen model (adapt.py) needs grad_x alone
+        need = ctx.needs_input_grad
         # the forward conv ran in grad_y's dtype (bf16 under autocast): use the same operands
         grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_y, a.to(grad_y.dtype), conv_weight.to(grad_y.dtype), [conv_weight.shape[0]],
-            [1] * dims, list(padding), [1] * dims, False, [0] * dims, 1, [True, True, True])
+            [1] * dims, list(padding), [1] * dims, False, [0] * dims, 1, [any(need[:3]), need[3], need[4]])
         del a
-        grad_a = grad_a.to(normed.dtype)
-        if keep is not None:
-            grad_a = grad_a * keep / (1.0 - p)
-        grad_normed = (torch.ops.aten.silu_backward(grad_a, normed) if act == "silu"
-                       else torch.ops.aten.leaky_relu_backward(grad_a, normed, 0.01, True))
-        del grad_a, normed
-        B, C = x.shape[:2]
-        grad_x, grad_nw, grad_nb = torch.ops.aten.native_group_norm_backward(
-            grad_normed, x.to(mean.dtype), mean, rstd, norm_weight.to(mean.dtype), B, C, x[0, 0].numel(),
-            groups, [True, True, True])
-        return (grad_x.to(x.dtype), grad_nw.to(norm_weight.dtype), grad_nb.to(norm_bias.dtype),
-                grad_w.to(conv_weight.dtype), grad_b.to(conv_weight.dtype), None, None, None, None, None)
+        grad_x = grad_nw = grad_nb = None
+        if any(need[:3]):
+            grad_a = grad_a.to(normed.dtype)
+            if keep is not None:
+                grad_a = grad_a * keep / (1.0 - p)
+            grad_normed = (torch.ops.aten.silu_backward(grad_a, normed) if act == "silu"
+                           else torch.ops.aten.leaky_relu_backward(grad_a, normed, 0.01, True))
+            del grad_a, normed
+            B, C = x.shape[:2]
+            grad_x, grad_nw, grad_nb = torch.ops.aten.native_group_norm_backward(
+                grad_normed, x.to(mean.dtype), mean, rstd, norm_weight.to(mean.dtype), B, C, x[0, 0].numel(),
+                groups, list(need[:3]))
+
+        def cast(grad, like):
+            return None if grad is None else grad.to(like.dtype)
+        return (cast(grad_x, x), cast(grad_nw, norm_weight), cast(grad_nb, norm_bias),
+                cast(grad_w, conv_weight), cast(grad_b, conv_weight), None, None, None, None, None)
 
 
 def norm_act_conv(x, norm, conv, act="silu", dropout=0.0, training=False):
@@ -501,14 +510,27 @@ class NeuronReadout(nn.Module):
         self.bias[mouse].copy_(torch.where(rate >= 1, rate - 1, rate.log()))
 
     def forward(self, h, mouse, neurons, z=None, state=None):
-        g = self.features(F.leaky_relu(self.norm(h)))                    # (B, r, S, T)
+        return self.read(self.shared(h), mouse, z, state)
+
+    def shared(self, h):
+        """The features every animal's readout reads: (B, C, S, T) -> (B, r, S, T). Frame by frame from here
+        on, so read() takes any frames of them, e.g. cached ones (adapt.py: a new animal's readout fit)."""
+        return self.features(F.leaky_relu(self.norm(h)))
+
+    def read(self, g, mouse, z=None, state=None):
+        """Rate (B, T, N) of animal `mouse` from shared(h) (B, r, S, T), the latent z (B, C, n, T) and the
+        state (B, T, state_dim): ELU(drive) + 1."""
+        return F.elu(self.drive(g, mouse, z, state)) + 1
+
+    def drive(self, g, mouse, z=None, state=None):
+        """The drive (B, T, N) before the output nonlinearity; the state's part is added last."""
         per_neuron = g.transpose(2, 3) @ self.spatial[mouse].t()          # (B, r, T, N)
         drive = torch.einsum("brtn,nr->btn", per_neuron, self.weight[mouse]) + self.bias[mouse]
         if z is not None and hasattr(self, "latent"):
             drive = drive + z.permute(0, 3, 1, 2).flatten(2) @ self.latent[mouse]   # (B, T, C*n) @ (C*n, N)
         if state is not None and hasattr(self, "state"):
             drive = drive + state.to(drive.dtype) @ self.state[mouse]               # (B, T, S) @ (S, N)
-        return F.elu(drive) + 1
+        return drive
 
 
 # ------------------------------------------------------------------------------------------ video side
@@ -794,6 +816,42 @@ class PNBA(nn.Module):
             return (mu - mean) * torch.rsqrt(var + getattr(self, norm).eps)
         return getattr(self, norm)(mu.flatten(1)).view_as(mu)
 
+    def add_animal(self, name: str, n_neurons: int, mean_rate=None, generator=None) -> list[str]:
+        """Give a built model the per-animal parameters (PER_ANIMAL_PARAMETERS) of an animal it was not built
+        for, initialised as a training animal's are: readout weights random (drawn from `generator`, or
+        torch's), latent and state weights 0, unit embeddings 0 (so that it is encoded exactly as the
+        identity-free path encodes it, zero-shot, until they are fitted); the bias at mean_rate (N,) when
+        given and the readout is "neuron". Nothing shared changes. Returns the new parameters' names."""
+        n = int(n_neurons)
+        if name in self.neuron_counts:
+            raise ValueError(f"animal {name!r} is already one the model was built for")
+        _check_model_config(self.cfg, {name: n})
+        ref = self.match_scale
+        new = {}
+
+        def param(module, key, shape, scale=None):
+            value = torch.zeros(shape, device=ref.device, dtype=ref.dtype)
+            if scale is not None:
+                value = torch.randn(shape, generator=generator, dtype=ref.dtype).to(ref.device) * scale
+            getattr(module, key)[name] = nn.Parameter(value)
+            new[f"{key}.{name}"] = module
+
+        readout, c = self.neural_readout, self.cfg
+        if isinstance(readout, NeuronReadout):
+            param(readout, "spatial", (n, c.proj_neurons), 1 / math.sqrt(c.proj_neurons))
+            param(readout, "weight", (n, c.readout_channels), 1 / math.sqrt(c.readout_channels))
+            param(readout, "bias", (n,))
+            if hasattr(readout, "latent"):
+                param(readout, "latent", (self.cfg.z_channels * self.latent_neurons, n))
+        if hasattr(readout, "state"):
+            param(readout, "state", (c.state_dim, n))
+        if hasattr(self, "unit_embedding"):
+            param(self, "unit_embedding", (n, c.set_token_dim))
+        self.neuron_counts[name] = n
+        if mean_rate is not None and isinstance(readout, NeuronReadout):
+            readout.init_bias(name, mean_rate)
+        return [("" if module is self else "neural_readout.") + key for key, module in new.items()]
+
     def identity(self, animal):
         """The unit embeddings (N, set_token_dim) of a training animal; None for an animal the model was not
         trained on, or without unit_embedding: the identity-free path."""
@@ -880,9 +938,7 @@ class PNBA(nn.Module):
             return Gaussians(None, None, mu_y, logvar_y, mu_y, logvar_y)
         if mu_y is None:
             return Gaussians(mu_x, logvar_x, None, None, mu_x, logvar_x)
-        B = mu_x.shape[0]
-        mu_p, logvar_p = poe(*(t.reshape(B, -1) for t in (mu_x, logvar_x, mu_y, logvar_y)))
-        return Gaussians(mu_x, logvar_x, mu_y, logvar_y, mu_p.view_as(mu_x), logvar_p.view_as(mu_x))
+        return Gaussians(mu_x, logvar_x, mu_y, logvar_y, *fuse(mu_x, logvar_x, mu_y, logvar_y))
 
     # -- decoding --------------------------------------------------------------------------------------
 
@@ -1027,10 +1083,20 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, checkpoint: dict):
-    """torch.save through config.atomic_path (temp file beside `path`, then rename): a crash never leaves
-    half a file."""
+    """torch.save through config.atomic_path (temp file beside `path`, flushed to disk, then renamed over
+    it): a crash, a kill or a full disk never leaves half a file, and the previous `path` stays whole until
+    the new one is complete. An OSError (ENOSPC, EIO) propagates after the temp file is removed."""
     with config.atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+    with contextlib.suppress(OSError):          # the rename itself survives a power cut
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path) -> dict:
@@ -1066,6 +1132,14 @@ def check_mice(ckpt: dict, neuron_counts: dict[str, int], source):
         if mouse in recorded and int(recorded[mouse]) != int(n):
             raise CheckpointError(f"{source}: mouse {mouse!r} has {n} neurons in the data but "
                                   f"{recorded[mouse]} neurons in the checkpoint")
+
+
+def fuse(mu_x, logvar_x, mu_y, logvar_y):
+    """The product of the neural and the stimulus Gaussians, each (B, C, n, T): (mu_p, logvar_p), same
+    shape."""
+    B = mu_x.shape[0]
+    mu_p, logvar_p = poe(*(t.reshape(B, -1) for t in (mu_x, logvar_x, mu_y, logvar_y)))
+    return mu_p.view_as(mu_x), logvar_p.view_as(mu_x)
 
 
 def per_frame(latent, keep):
