@@ -226,8 +226,9 @@ def append_jsonl(path, rec):
                          f"intact: make room, then continue with --resume {os.path.dirname(path)}") from None
 
 
-def _command_config(args, rest) -> config.Config:
-    cfg = config.preset(args.preset or "demo")
+def _command_config(args, rest, base: config.Config | None = None) -> config.Config:
+    """base (default: the --preset's config) with the command line's overrides, --data and --holdout."""
+    cfg = base if base is not None else config.preset(args.preset or "demo")
     cfg, unknown = config.parse_overrides(cfg, rest)
     if unknown:
         raise TrainError(f"unknown arguments {' '.join(unknown)}; config keys look like --optim.lr 3e-4")
@@ -261,16 +262,7 @@ def build_config(args, rest):
                     f"auto continues only the run of its own command; continue that one with --resume "
                     f"{args.resume}, or start over with --out {args.resume} --restart")
             return cfg, ckpt
-        cfg = config.from_dict(ckpt["config"])
         if args.preset:
             raise TrainError(f"{path}: --preset cannot change a resumed run; override single fields instead")
-    else:
-        cfg = config.preset(args.preset or "demo")
-    cfg, unknown = config.parse_overrides(cfg, rest)
-    if unknown:
-        raise TrainError(f"unknown arguments {' '.join(unknown)}; config keys look like --optim.lr 3e-4")
-    if args.data:
-        cfg.data.paths = tuple(args.data)
-    if args.holdout is not None:
-        cfg.data.holdout = tuple(h for h in args.holdout.split(",") if h)
-    return config.validate(cfg), ckpt
+        return _command_config(args, rest, config.from_dict(ckpt["config"])), ckpt
+    return _command_config(args, rest), ckpt
