@@ -163,6 +163,25 @@ def _dead_pid() -> int:
     return p.pid
 
 
+DDP_ARGS = ("--optim.epochs", "3", "--run.val_every", "2")    # tiny: 2 steps an epoch on 2 ranks, 6 in all
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tiny_data, tmp_path_factory):
+    """One uninterrupted torchrun job of 2 CPU ranks on the tiny set with DDP_ARGS: (its run directory, its
+    working directory, the finished process). TestTrainExtract checks the job; TestFaults restarts a job of
+    the same command and compares with it. Shared: a torchrun job takes 10-15 s, most of it start-up. (A
+    fixture of this module, not conftest.py's, as its only users are here.)"""
+    root, holdout = tiny_data
+    cwd = tmp_path_factory.mktemp("ddp")
+    out = cwd / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *train_args(root, holdout, out, *DDP_ARGS)]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out, cwd, proc
+
+
 def reach_trials(subjects: dict[str, str], seed: int = 0, sessions: int = 2, conditions: int = 6,
                  per_condition: int = 4, frames: int = 12, latent: int = 6, rotation: float = 0.0,
                  session_change: float = 0.0, shuffle_labels: bool = False,
@@ -720,15 +739,29 @@ def synthetic_zeroshot(root, pairs=None, methods=("summary", "pca"), n_perm=200,
 # helpers of TestTrainExtract
 # ---------------------------------------------------------------------------------------------
 
-# What a short training (the demo preset, 120 steps, two training animals) must reach on each synthetic
-# family, each bar well above what the untrained model gives (asserted beside it). "latent": the demo's
-# generator, one shared latent. "filters": receptive fields on naturalistic movies, a private behavioural
-# state, gains over orders of magnitude, zero-inflated noise (README "The second synthetic family"): the
-# same claims at what this short run reaches there (measured: stimulus -> neural 0.93 x the ridge,
-# cross-modal d 0.87 from 0.36 untrained, zero-shot d 1.19). Beating the identity-free population
-# summary (1.22 here) takes the full demo2 run, where CI checks it (1.79 against 1.03).
-SCIENCE_BARS = {"latent": dict(corr_of_ridge=0.6, crossmodal_d=1.0, zeroshot_d=1.0),
-                "filters": dict(corr_of_ridge=0.6, crossmodal_d=0.6, zeroshot_d=1.0)}
+# What a short training must reach on each synthetic family, each bar well above what the untrained model
+# gives (validated at step 0 of the same run, asserted beside it). The run: the demo model, two training
+# animals of 28 train trials (6 steps an epoch), lr 2e-3 with 20 warm-up steps for it and for the alignment
+# terms, `epochs` epochs, validated at step 0 and at the end only. "latent": the demo's generator, one shared
+# latent. "filters": receptive fields on naturalistic movies, a private behavioural state, gains over orders
+# of magnitude, zero-inflated noise (README "The second synthetic family"). Measured with 1 and with 2 torch
+# threads (the float sums differ), untrained -> trained:
+# - latent, seed 0, 60 steps: stimulus -> neural 0.00 -> 0.65, 0.75 x the pixel ridge; cross-modal d -0.10 ->
+#   1.06, 1.42; identification top-1 0.08 -> 0.33, 0.25 (chance 0.056); zero-shot d 1.53, 1.36 (the untrained
+#   order-invariant encoder already has it here, 1.91 at step 0: README "The demo");
+# - filters, seed 2, 72 steps: stimulus -> neural 0.09 -> 1.20, 1.26 x the ridge; cross-modal d 0.14 -> 1.43,
+#   1.35; identification 0 -> 0.33, 0.42; zero-shot d 0.49 (step 0) -> 1.14, 1.17; the control's smallest p
+#   0.67. Seed 2, not 0: in the seed-0 set the control correlates with held-out dynamic90106 in the data
+#   itself (PCA baseline: p 0.019), and trained models' p for that pair fell below its bar (0.006 to 0.01,
+#   with 1 or 2 threads, 60 to 120 steps). Beating the identity-free population summary takes the full
+#   demo2 run, where CI checks it (1.79 against 1.03).
+# Identification counts 12 oracle trials among 18 videos: a model whose matching distance favours one video
+# for every trial scores 0.5 when that video is an oracle one and 0 otherwise (the stimulus-blind control
+# has scored 0.5), so that bar is the noisiest of these; cross-modal d is the one that measures alignment.
+SCIENCE_BARS = {"latent": dict(seed=0, epochs=10, corr_of_ridge=0.5, crossmodal_d=0.7, zeroshot_d=1.0,
+                               zeroshot_learned=False),
+                "filters": dict(seed=2, epochs=12, corr_of_ridge=0.6, crossmodal_d=0.8, zeroshot_d=0.8,
+                                zeroshot_learned=True)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3122,21 +3155,16 @@ class TestTrainExtract:
         assert code == 2 and "3 non-finite losses in a row" in capsys.readouterr().err
 
     @pytest.mark.slow
-    def test_ddp_two_ranks_gloo(self, tiny_data, tmp_path):
+    def test_ddp_two_ranks_gloo(self, ddp_run):
         """torchrun with 2 CPU ranks: replicas stay identical, only rank 0 writes, clean exit."""
-        root, holdout = tiny_data
-        out = tmp_path / "ddp"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "train.py"),
-               *train_args(root, holdout, out, "--optim.epochs", "3", "--run.max_steps", "3")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+        out, cwd, proc = ddp_run
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "replicas identical" in proc.stdout
         _assert_run_files(out)
-        steps = [json.loads(s)["step"] for s in open(out / "metrics.jsonl") if '"val"' not in s]
-        assert steps == [1, 2, 3]                                   # one writer: no duplicated lines
-        assert not os.path.exists(tmp_path / "runs")
+        records = [json.loads(s) for s in open(out / "metrics.jsonl")]
+        assert [r["step"] for r in records if "val" not in r] == [1, 2, 3, 4, 5, 6]   # one writer: once each
+        assert [r["step"] for r in records if "val" in r] == [0, 4, 6]
+        assert not os.path.exists(cwd / "runs")
 
     def test_extract_writes_every_trial_with_responses(self, tiny_run, tiny_data, tmp_path):
         root, holdout = tiny_data
@@ -3207,7 +3235,7 @@ class TestTrainExtract:
 
     @pytest.mark.slow
     @pytest.mark.parametrize("family", list(SCIENCE_BARS))
-    def test_science_zero_shot_effect_and_negative_control(self, tmp_path, family):
+    def test_science_zero_shot_effect_and_negative_control(self, tmp_path, family, no_figures):
         """After a short training PNBA does the three things it claims, and the untrained model (validated at
         step 0) and the stimulus-blind control animal do none of them:
         - stimulus -> neural: the stimulus path predicts the training animals' oracle trials;
@@ -3219,7 +3247,7 @@ class TestTrainExtract:
         bars = SCIENCE_BARS[family]
         root = str(tmp_path / "data")
         data.write_synthetic(
-            root, "demo", seed=0, family=family,
+            root, "demo", seed=bars["seed"], family=family,
             mice=(("dynamic90101-1-1", 83, "old"), ("dynamic90102-2-3", 127, "new"),
                   ("dynamic90105-2-2", 109, "old"), ("dynamic90106-4-1", 141, "new"),
                   ("dynamic90107-1-3", 72, "control")),
@@ -3228,14 +3256,15 @@ class TestTrainExtract:
         truth = data.read_synthetic_truth(root)
         run = tmp_path / "run"
         holdout = ",".join(truth["heldout"] + truth["control"])
-        train.train(["--data", root, "--holdout", holdout, "--out", str(run), "--optim.epochs", "20",
-                     "--optim.align_warmup_iters", "60",
-                     "--run.val_every", "20", "--run.ckpt_every", "0", "--data.num_workers", "0"])
+        epochs = str(bars["epochs"])
+        train.train(["--data", root, "--holdout", holdout, "--out", str(run), "--optim.epochs", epochs,
+                     "--optim.lr", "2e-3", "--optim.warmup_iters", "20", "--optim.align_warmup_iters", "20",
+                     "--run.val_every", epochs, "--run.ckpt_every", "0", "--data.num_workers", "0"])
         untrained, trained = [r["val"] for r in map(json.loads, open(run / "metrics.jsonl")) if "val" in r]
         corr = "corr_train_animals"
         assert abs(untrained[corr]) < 0.1, untrained
         assert trained[corr] > bars["corr_of_ridge"] * trained["ridge_corr"], trained
-        # two training animals and 120 steps align the training animals' latents (held-out animals need
+        # two training animals and 60-72 steps align the training animals' latents (held-out animals need
         # more of both: the demo shows them); an untrained model's encoders share only stimulus energy
         assert untrained["crossmodal_train"]["d"] < 0.5 < bars["crossmodal_d"] \
             < trained["crossmodal_train"]["d"]
@@ -3249,6 +3278,9 @@ class TestTrainExtract:
         assert len(heldout_pair) == 1
         assert heldout_pair[0]["cohens_d"] > bars["zeroshot_d"] \
             and heldout_pair[0]["perm_p"] < 0.01, heldout_pair
+        if bars["zeroshot_learned"]:        # the untrained model's, on the validation's trials, is below it
+            (at_step_0,) = [z for z in untrained["zeroshot"] if {z["a"], z["b"]} == set(truth["heldout"])]
+            assert at_step_0["d"] < bars["zeroshot_d"], at_step_0
         # the control against the held-out animals, then against every animal: several tests at once, so each
         # at 0.05 / their number
         control_pairs = [p for p in pairs if set(truth["control"]) & {p["a"], p["b"]}]
@@ -4074,46 +4106,45 @@ class TestFaults:
         return out
 
     @pytest.mark.slow
-    def test_elastic_restart_continues_the_run_exactly(self, tiny_data, tmp_path):
+    def test_elastic_restart_continues_the_run_exactly(self, tiny_data, ddp_run, tmp_path):
         """The issue's command: torchrun --max-restarts=1, kill -9 of rank 0 after the first checkpoint. The
         restarted job, the same command line, continues the run to the end: the weights of an uninterrupted
-        run of the same command and ranks (run beside it), and no step twice in metrics.jsonl."""
+        job of the same command and ranks (ddp_run: 3 epochs of 2 steps, validated at steps 0, 4 and 6, so
+        the restarted job trains and validates after the kill), and no step twice in metrics.jsonl."""
+        import re
         import signal
         import time
         root, holdout = tiny_data
+        base, _, straight = ddp_run
+        assert straight.returncode == 0, straight.stderr[-3000:]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        args = ("--optim.epochs", "10", "--run.val_every", "5")    # 2 steps per epoch on 2 ranks
-        out, base = tmp_path / "elastic", tmp_path / "straight"
+        out = tmp_path / "elastic"
         t0 = time.time()
-        with open(tmp_path / "elastic.log", "w") as log, open(tmp_path / "straight.log", "w") as ref_log:
-            job = subprocess.Popen(self.torchrun(train_args(root, holdout, out, *args), restarts=1),
+        with open(tmp_path / "elastic.log", "w") as log:
+            job = subprocess.Popen(self.torchrun(train_args(root, holdout, out, *DDP_ARGS), restarts=1),
                                    cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
-            straight = subprocess.Popen(self.torchrun(train_args(root, holdout, base, *args)), cwd=tmp_path,
-                                        stdout=ref_log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
             try:
                 while not (out / "last.pt").exists():
                     assert job.poll() is None, (tmp_path / "elastic.log").read_text()[-3000:]
                     time.sleep(0.02)
                 os.kill(self.workers(job.pid)[0], signal.SIGKILL)
                 assert job.wait(timeout=240) == 0, (tmp_path / "elastic.log").read_text()[-3000:]
-                assert straight.wait(timeout=240) == 0, (tmp_path / "straight.log").read_text()[-3000:]
             finally:
-                for p in (job, straight):
-                    if p.poll() is None:
-                        os.killpg(p.pid, signal.SIGKILL)
+                if job.poll() is None:
+                    os.killpg(job.pid, signal.SIGKILL)
         print(f"elastic test: {time.time() - t0:.1f} s")
         text = (tmp_path / "elastic.log").read_text()
         assert "exitcode: -9" in text and text.count("replicas identical") == 1
-        assert "continuing " in text and "(torchrun restart 1)" in text
+        resumed = re.search(r"continuing .* from step (\d+) \(torchrun restart 1\)", text)
+        assert resumed and int(resumed[1]) < 6, text[-3000:]       # the restarted job had steps to take
         a, b = torch.load(out / "last.pt", weights_only=True), torch.load(base / "last.pt", weights_only=True)
-        assert a["step"] == b["step"] == 20
+        assert a["step"] == b["step"] == 6
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), k
         records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-        assert [r["step"] for r in records if "val" not in r] == list(range(1, 21))
-        assert [r["step"] for r in records if "val" in r] == [0, 10, 20]
+        assert [r["step"] for r in records if "val" not in r] == list(range(1, 7))
+        assert [r["step"] for r in records if "val" in r] == [0, 4, 6]
         _assert_run_files(out)
 
     @pytest.mark.slow
@@ -4150,8 +4181,12 @@ if fault.endswith("rank1") and rank == 1:
 sys.exit(train.main())
 """)
         out = tmp_path / "run"
+        # the hang is seen only when rank 0's all-reduce times out: 5 s, well above the longest a rank waits
+        # for the other here (rank 0 alone writes the tiny model's checkpoints; no validation); the other
+        # faults must stop the job without it (20 s, never reached)
+        timeout = "5" if fault == "hang_on_rank1" else "20"
         cmd = self.torchrun(train_args(root, holdout, out, "--optim.epochs", "4", "--run.val_every", "0",
-                                        "--run.collective_timeout_s", "20"), script=str(script))
+                                        "--run.collective_timeout_s", timeout), script=str(script))
         t0 = time.time()
         p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
