@@ -55,7 +55,6 @@ into --out (default: beside the checkpoint), each through a temp file renamed on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import io
 import os
@@ -454,18 +453,6 @@ def neural_features(model, animal, windows: dict, device) -> dict[int, tuple]:
     return {i: f for (i, _), f in zip(items, feats, strict=True)}
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Torch on one thread inside: a readout fit's small products gain nothing from more, and threads that
-    wait for a busy core made one step 20x slower in a measurement (2 cores shared with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _as_time(g: torch.Tensor, z: torch.Tensor, state: torch.Tensor | None) -> tuple:
     """Per-frame inputs (M, r, S), (M, C, n), (M, sd) as one window of M frames, (1, r, S, M), (1, C, n, M),
     (1, M, sd): the readout is frame by frame, and along time its products are a few large GEMMs."""
@@ -484,7 +471,7 @@ def fit_readout(model, animal, inputs: list[tuple], responses: list[torch.Tensor
     params = add_animal(model, animal, target.mean(0).cpu(), seed, tier)
     generator = torch.Generator().manual_seed(
         int(np.random.default_rng(_stream(seed, animal.name, tier, "batches")).integers(2 ** 62)))
-    with one_thread():
+    with decoding.one_thread():
         _readout_steps(model, animal.name, g, z, state, target, params, fit, generator, bar)
     return {n: p.detach().clone() for n, p in params.items()}
 
@@ -542,7 +529,7 @@ def video_null(model, name: str, videos: VideoFeatures, pool: list, scored: list
     J, N = len(scored), scored[0].responses.shape[1]
     sums = np.full((len(pool), J, 3, N), np.nan)         # sum p, sum p^2, sum p*t
     t_stats = []
-    with one_thread():
+    with decoding.one_thread():
         drives = readout_drive(model, name, torch.cat([videos[v][0] for v in pool]),
                                torch.cat([videos[v][1] for v in pool])).split(lengths.tolist())
         for j, t in enumerate(scored):
@@ -649,7 +636,7 @@ def adapt_mouse(model, animal, groups: dict, shots: list, videos: VideoFeatures,
             inputs = [(*videos[trials[i].video], trials[i].state) for i in fit_on]
         bar.set_postfix_str(f"{short(animal.name)} {shot}")
         fit_readout(model, animal, inputs, [trials[i].responses for i in fit_on], seed, shot, fit, bar)
-        with one_thread():
+        with decoding.one_thread():
             predictions = [_rate(readout_drive(model, animal.name, *videos[t.video])[:len(t.responses)]
                                  + state_drive(model, animal.name, t.state)) for t in scored]
         row["pnba"] = sensorium_scores(predictions, targets, labels)
@@ -743,7 +730,7 @@ def fit_encoder(model, animal, windows: list[dict], device, seed: int, tier, sup
     W = len(data_["responses"])
     batch = min(fit.encoder_batch, W)
     coords = animal.coords_tensor(device)
-    with one_thread():
+    with decoding.one_thread():
         optimiser = torch.optim.Adam(params.values(), lr=fit.encoder_lr)
         order, at = torch.randperm(W, generator=generator), 0
         for _ in range(fit.encoder_steps):

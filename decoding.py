@@ -249,7 +249,7 @@ def _mlp(n_in: int, n_out: int) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Torch on one thread inside: these networks are too small to gain from more, and threads that wait
     on a busy machine slowed training tenfold in a measurement."""
     threads = torch.get_num_threads()
@@ -282,7 +282,7 @@ class Network:
 
     def predict(self, x: Sequence[np.ndarray]) -> list[np.ndarray]:
         xb, _ = _padded([self.scale_x(a) for a in x])
-        with torch.no_grad(), _one_thread():     # padding sits after a trial's frames: the GRU is causal
+        with torch.no_grad(), one_thread():     # padding sits after a trial's frames: the GRU is causal
             out = self.model(xb).double().numpy()
         return [self.scale_y.inverse(out[i, :len(a)]) for i, a in enumerate(x)]
 
@@ -293,7 +293,7 @@ class Network:
 def _fit_network(make: Callable[[int, int], torch.nn.Module], x: Sequence[np.ndarray],
                  y: Sequence[np.ndarray], labels: Sequence | None, seed: int,
                  training: Training | None, groups: Sequence | None = None) -> Network:
-    with _one_thread():
+    with one_thread():
         return _train_network(make, x, y, labels, seed, training or TRAINING, groups)
 
 
